@@ -1,0 +1,405 @@
+"""One typed config for the trainer, the studies and MLflow params.
+
+Field defaults are the authors' code (nwpu-zxr/VadCLIP); presets (`ucf`, `xd`, `synthetic`) are
+data: dotted overrides on top of the defaults, each with an `official` (code) and a `paper` (paper
+text) variant. A study YAML overrides the same dotted names; MLflow params are `flatten(config)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal
+
+TEMPORAL = ("none", "local", "global_tf", "gcn", "local+gcn", "global_tf+gcn", "local+global_tf")
+BRANCHES = ("c", "a", "c+a")
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    # open_clip model name; `ViT-B-16-quickgelu` matches OpenAI's ViT-B/16 (the authors' CLIP).
+    # `vadclip-tiny` is a small random text tower for tests and the synthetic preset.
+    model: str = "ViT-B-16"
+    weights: str | None = None  # local open_clip or OpenAI checkpoint; None = random (loud warning)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = 512  # d: CLIP feature width
+    visual_length: int = 256  # snippets per training sample / test chunk
+    temporal: Literal[TEMPORAL] = "local+gcn"  # Table 5 rows; local+gcn = LGT-Adapter
+    branches: Literal[BRANCHES] = "c+a"  # Table 6
+    # Local module (local transformer encoder)
+    local_layers: int = 1  # code: UCF 2, XD 1; paper: "a transformer encoder layer"
+    heads: int = 1
+    mlp_ratio: int = 4
+    window: int = 64  # local window length (code/paper: UCF 8, XD 64)
+    window_overlap: bool = False  # code: non-overlapping blocks; paper: overlapping windows
+    position_embedding: bool = True  # code: learnable frame position embedding (not in paper)
+    global_tf_layers: int = 1  # layers of the global transformer in the Table 5 ablations
+    # Global module (GCN)
+    gcn: Literal["two_stack", "single_weight"] = "two_stack"  # code: 2x2-layer stacks; paper Eq. 1
+    similarity_threshold: float = 0.7  # Eq. 2 thresholding (value not in paper)
+    similarity_filter: Literal["zero", "drop"] = "zero"  # code: weak -> 0 (still softmaxed); drop
+    distance_kernel: Literal["exp", "softmax"] = "exp"  # code: exp(-|i-j|/s); paper Eq. 3 softmax
+    sigma: float = math.e  # Eq. 3 sigma; code hard-codes e, paper says 1
+    # A-branch prompts
+    prompt: Literal["learnable", "handcrafted"] = "learnable"  # Table 7
+    prompt_prefix: int = 10  # learnable context tokens before the class tokens
+    prompt_postfix: int = 10  # ... and after; context length l = prefix + postfix (paper: 20)
+    handcrafted_template: str = "a video frame of {}."
+    visual_prompt: Literal["anomaly_focus", "average", "none"] = "anomaly_focus"  # Table 7
+    visual_prompt_weights: Literal["logits", "sigmoid"] = "logits"  # code raw logits; paper A (Eq. 6)
+    text_ffn_residual: Literal["prompted", "class"] = "prompted"  # code T=(t+V)+FFN; paper Eq. 7 +t
+    temperature: float = 0.07  # tau, Eq. 8
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    cts_weight: float = 1e-4  # lambda, Eq. 10 (UCF 0.1, XD 1e-4)
+    cts_form: Literal["abs_mean", "hinge_sum"] = "abs_mean"  # code mean|cos|; paper Eq. 9
+    topk_divisor: int = 16  # k = floor(len / divisor) + 1 (code's rule)
+    topk_fixed: int = 0  # > 0: a fixed k instead of the length rule
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    style: Literal["ucf", "xd"] = "xd"
+    train_normal: int = 48
+    train_abnormal: int = 48
+    test_normal: int = 16
+    test_abnormal: int = 24
+    crops: int = 2
+    min_length: int = 24
+    max_length: int = 300  # some videos exceed visual_length (pooling and chunking paths)
+    noise: float = 1.0
+    signal: float = 0.5  # per-snippet anomaly strength, in noise units: weak alone, clear in context
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["ucf", "xd", "synthetic"] = "xd"
+    lists: str | None = None  # the authors' list/ folder (official file names)
+    features: str | None = None  # where the feature .npy files were unpacked
+    cache_dir: str | None = None  # synthetic: where the generated layout is written
+    test_crop: str = "default"  # default (UCF 5, XD 0) | 0..9 | mean
+    val_fraction: float = 0.1  # training *videos* held out for model selection
+    in_memory: bool = True  # False = read every sample from disk each step (the authors' way)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01  # AdamW default
+    milestones: tuple[int, ...] = (3, 6, 10)
+    gamma: float = 0.1
+    epochs: int = 10
+    batch_size: int = 96  # mixed: whole batch; balanced: per side (64 normal + 64 abnormal)
+    sampler: Literal["balanced", "mixed"] = "mixed"  # UCF balanced, XD mixed
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    score_branch: Literal["auto", "c", "a", "best"] = "auto"  # auto: UCF C-branch, XD A-branch
+    selection: Literal["val", "test"] = "val"  # test = the authors' best-on-test protocol
+    selection_metric: Literal["auto", "auc", "ap"] = "auto"  # auto: UCF auc, XD ap
+    eval_every_steps: int = 0  # > 0: also evaluate every N steps (UCF code: 10)
+    reload_best: bool = True  # code reloads the best checkpoint at every epoch end
+    map_protocol: Literal["official", "paper"] = "official"
+    max_plot_videos: int = 4
+
+
+@dataclass(frozen=True)
+class VadClipConfig:
+    preset: str = "xd"
+    variant: Literal["official", "paper"] = "official"
+    seed: int = 234
+    device: str = "auto"  # auto = cuda when present
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def style(self) -> str:
+        """Label/class convention of the data: `ucf` or `xd`."""
+        return self.data.synthetic.style if self.data.dataset == "synthetic" else self.data.dataset
+
+    @property
+    def score_branch(self) -> str:
+        if self.eval.score_branch != "auto":
+            return self.eval.score_branch
+        if self.model.branches != "c+a":
+            return self.model.branches
+        return "c" if self.style == "ucf" else "a"
+
+    @property
+    def selection_metric(self) -> str:
+        if self.eval.selection_metric != "auto":
+            return self.eval.selection_metric
+        return "auc" if self.style == "ucf" else "ap"
+
+
+# ---------------------------------------------------------------- presets (data, not code)
+
+_UCF = {
+    "data.dataset": "ucf",
+    "model.local_layers": 2,
+    "model.window": 8,
+    "loss.cts_weight": 0.1,
+    "optim.lr": 2e-5,
+    "optim.milestones": (4, 8),
+    "optim.batch_size": 64,
+    "optim.sampler": "balanced",
+    "eval.eval_every_steps": 10,
+}
+_XD: dict[str, Any] = {"data.dataset": "xd"}
+# Small enough for 2 CPU cores in about a minute per run; XD-style by default (the paper's ablations).
+_SYNTHETIC = {
+    "data.dataset": "synthetic",
+    "clip.model": "vadclip-tiny",
+    "model.window": 16,
+    "loss.cts_weight": 1e-4,
+    "optim.lr": 5e-4,
+    "optim.epochs": 4,
+    "optim.milestones": (3,),
+    "optim.batch_size": 16,
+    "optim.sampler": "mixed",
+}
+# Paper text: hyper-parameters of Implementation Details plus every paper-text alternative.
+_PAPER_SWITCHES = {
+    "model.local_layers": 1,
+    "model.window_overlap": True,
+    "model.position_embedding": False,
+    "model.gcn": "single_weight",
+    "model.similarity_filter": "drop",
+    "model.distance_kernel": "softmax",
+    "model.sigma": 1.0,
+    "model.visual_prompt_weights": "sigmoid",
+    "model.text_ffn_residual": "class",
+    "loss.cts_form": "hinge_sum",
+    "eval.score_branch": "best",
+    "eval.map_protocol": "paper",
+    "eval.reload_best": False,
+    "eval.eval_every_steps": 0,
+}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "ucf": {
+        "official": _UCF,
+        "paper": {**_UCF, **_PAPER_SWITCHES, "optim.lr": 1e-5, "optim.epochs": 10,
+                  "optim.batch_size": 32},  # 64 per step = 32 normal + 32 abnormal
+    },
+    "xd": {
+        "official": _XD,
+        "paper": {**_XD, **_PAPER_SWITCHES, "optim.lr": 2e-5, "optim.epochs": 20,
+                  "optim.batch_size": 64, "optim.milestones": (6, 12, 20)},
+    },
+    "synthetic": {
+        "official": _SYNTHETIC,
+        "paper": {**_SYNTHETIC, **_PAPER_SWITCHES},
+    },
+}
+
+
+def preset(name: str, variant: str = "official", overrides: dict[str, Any] | None = None) -> VadClipConfig:
+    """Build a config from a preset name, a variant and dotted overrides (`{"model.window": 16}`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    if variant not in PRESETS[name]:
+        raise ConfigError(f"unknown variant {variant!r} for preset {name!r}; expected one of "
+                          f"{sorted(PRESETS[name])}")
+    values = {"preset": name, "variant": variant, **PRESETS[name][variant], **(overrides or {})}
+    return apply_overrides(VadClipConfig(), values)
+
+
+# ---------------------------------------------------------------- dotted access, validation
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_type(path: str, root: type = VadClipConfig) -> Any:
+    """The type annotation of a dotted field; ConfigError naming the allowed keys if unknown."""
+    cls, parts = root, path.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "config"
+            raise ConfigError(f"unknown key {path!r}: {where} has {sorted(hints)}")
+        tp = hints[part]
+        if i < len(parts) - 1:
+            if not (isinstance(tp, type) and is_dataclass(tp)):
+                raise ConfigError(f"unknown key {path!r}: {'.'.join(parts[: i + 1])} is not a section")
+            cls = tp
+    return tp
+
+
+def choices(path: str) -> tuple[str, ...] | None:
+    """Allowed values of a Literal field, else None."""
+    tp = field_type(path)
+    if typing.get_origin(tp) is Literal:
+        args = typing.get_args(tp)
+        # Literal[TEMPORAL] stores the tuple itself as its single argument
+        return tuple(args[0]) if len(args) == 1 and isinstance(args[0], tuple) else tuple(args)
+    return None
+
+
+def coerce(path: str, value: Any) -> Any:
+    """Convert `value` (possibly a CLI string) to the type of field `path`, or raise ConfigError."""
+    tp = field_type(path)
+    allowed = choices(path)
+    if allowed is not None:
+        if value not in allowed:
+            raise ConfigError(f"{path}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int)):
+                raise TypeError
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            if isinstance(value, (int, float)):
+                value = [value]
+            return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{path}: cannot set a value of type {tp}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{path}: expected {name}{' or null' if optional else ''}, got {value!r}")
+
+
+def get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def apply_overrides(cfg: VadClipConfig, overrides: dict[str, Any]) -> VadClipConfig:
+    """Return a new config with dotted keys replaced (values coerced and validated)."""
+    nested: dict[str, Any] = {}
+    for path, value in overrides.items():
+        node = nested
+        parts = path.split(".")
+        coerced = coerce(path, value)
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = coerced
+
+    def rebuild(obj: Any, changes: dict[str, Any], validate_root: bool) -> Any:
+        kw = {k: rebuild(getattr(obj, k), v, False) if isinstance(v, dict) else v
+              for k, v in changes.items()}
+        return replace(obj, **kw)
+
+    return rebuild(cfg, nested, True)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"model.window": 64, ...}`: the form used for MLflow params and study overrides."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def from_flat(flat: dict[str, Any]) -> VadClipConfig:
+    """Inverse of `flatten` (used to rebuild a config from a checkpoint or a Tune trial)."""
+    return apply_overrides(VadClipConfig(), flat)
+
+
+def validate(cfg: VadClipConfig) -> None:
+    """Cross-field rules; single-field rules are enforced by `coerce`."""
+    m, o, d, loss = cfg.model, cfg.optim, cfg.data, cfg.loss
+    positive = {"model.embed_dim": m.embed_dim, "model.visual_length": m.visual_length,
+                "model.heads": m.heads, "model.mlp_ratio": m.mlp_ratio,
+                "model.window": m.window, "optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
+                "loss.topk_divisor": loss.topk_divisor}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {"model.sigma": m.sigma, "model.temperature": m.temperature}.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if m.window > m.visual_length:
+        raise ConfigError(f"model.window ({m.window}) must be <= model.visual_length ({m.visual_length})")
+    if not m.window_overlap and m.visual_length % m.window:
+        raise ConfigError(f"model.window ({m.window}) must divide model.visual_length "
+                          f"({m.visual_length}) for non-overlapping windows")
+    if m.embed_dim % (2 * m.heads):
+        raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be divisible by 2*model.heads")
+    for key in ("model.local_layers", "model.global_tf_layers", "model.prompt_prefix",
+                "model.prompt_postfix", "loss.topk_fixed", "eval.eval_every_steps"):
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(cfg, key)}")
+    if m.prompt_prefix + m.prompt_postfix > 60:
+        raise ConfigError("model.prompt_prefix + model.prompt_postfix must leave room in CLIP's 77 tokens")
+    if "local" in m.temporal and m.local_layers < 1:
+        raise ConfigError(f"model.temporal={m.temporal!r} needs model.local_layers >= 1")
+    if m.branches == "a" and m.visual_prompt == "anomaly_focus":
+        raise ConfigError("model.visual_prompt='anomaly_focus' needs the C-branch (model.branches 'c+a'); "
+                          "use 'average' or 'none' with branches='a'")
+    if m.branches != "c+a" and cfg.eval.score_branch not in ("auto", m.branches):
+        raise ConfigError(f"eval.score_branch={cfg.eval.score_branch!r} is not trained with "
+                          f"model.branches={m.branches!r}")
+    if "{}" not in m.handcrafted_template:
+        raise ConfigError("model.handcrafted_template must contain '{}' for the class name")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.test_crop not in ("default", "mean") and not (d.test_crop.isdigit() and int(d.test_crop) < 10):
+        raise ConfigError(f"data.test_crop: unknown value {d.test_crop!r}; allowed: default, mean, 0..9")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda[:N]")
+    if list(o.milestones) != sorted(o.milestones):
+        raise ConfigError(f"optim.milestones must be increasing, got {list(o.milestones)}")
+    s = d.synthetic
+    if not 1 <= s.min_length <= s.max_length:
+        raise ConfigError(f"data.synthetic: need 1 <= min_length <= max_length, got {s.min_length}, "
+                          f"{s.max_length}")
+    if not 1 <= s.crops <= 10:
+        raise ConfigError(f"data.synthetic.crops must be in 1..10, got {s.crops}")

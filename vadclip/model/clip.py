@@ -1,0 +1,96 @@
+"""Frozen CLIP from open_clip: model configs as data, one factory, local weights or a loud warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+import zipfile
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)  # registers `vadclip-tiny` beside open_clip's own configs
+
+RANDOM_WEIGHTS_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! No CLIP weights given (--clip-weights PATH): CLIP {model} has RANDOM weights.\n"
+    "!! The text encoder then carries no language prior, so A-branch numbers are\n"
+    "!! meaningless for real data. Pass a local open_clip or OpenAI ViT-B/16 checkpoint.\n"
+    + "!" * 78
+)
+
+
+class ClipWeightsWarning(UserWarning):
+    """CLIP runs with random weights."""
+
+
+def is_openai_checkpoint(path: str | Path) -> bool:
+    """OpenAI's released `ViT-B-16.pt` is a TorchScript archive; open_clip checkpoints are state dicts."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def resolve_model_name(model: str, weights: str | None) -> str:
+    # OpenAI's ViT-B/16 uses QuickGELU; plain open_clip `ViT-B-16` (GELU) gives other outputs on it.
+    if weights and model == "ViT-B-16" and is_openai_checkpoint(weights):
+        log.info("OpenAI checkpoint detected: building ViT-B-16-quickgelu")
+        return "ViT-B-16-quickgelu"
+    return model
+
+
+def _openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    scripted = torch.jit.load(str(path), map_location="cpu")
+    state = scripted.state_dict()
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    return state
+
+
+def create_clip(model: str, weights: str | None = None, embed_dim: int | None = None,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """Build an open_clip CLIP model, frozen, in eval mode.
+
+    `weights`: a local checkpoint (open_clip state dict, safetensors, or OpenAI's TorchScript file);
+    None gives random weights and a loud warning. `embed_dim` may resize the output width of configs
+    shipped here (`vadclip-tiny`) so that small test models match small feature widths.
+    """
+    if model not in open_clip.list_models():
+        raise ValueError(f"clip.model: unknown CLIP model {model!r}; e.g. ViT-B-16, ViT-B-16-quickgelu, "
+                         f"vadclip-tiny (any of open_clip.list_models())")
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"clip.weights: no checkpoint file at {weights!r}")
+    name = resolve_model_name(model, weights)
+    local_cfg = CONFIG_DIR / f"{name}.json"
+    if local_cfg.is_file():
+        cfg = json.loads(local_cfg.read_text())
+        if embed_dim is not None:
+            cfg["embed_dim"] = embed_dim
+        clip = open_clip.CLIP(**cfg)
+    else:
+        clip = open_clip.create_model(name, pretrained=None, pretrained_text=False)
+    if weights is None:
+        message = RANDOM_WEIGHTS_WARNING.format(model=name)
+        log.warning(message)
+        warnings.warn(message, ClipWeightsWarning, stacklevel=2)
+    elif is_openai_checkpoint(weights):
+        clip.load_state_dict(_openai_state_dict(Path(weights)))
+    else:
+        open_clip.load_checkpoint(clip, weights)
+    if embed_dim is not None and clip.text_projection is not None and clip.text_projection.shape[-1] != embed_dim:
+        raise ValueError(f"CLIP {name} outputs {clip.text_projection.shape[-1]}-d embeddings but "
+                         f"model.embed_dim is {embed_dim}")
+    clip.requires_grad_(False)
+    return clip.eval().to(device)
+
+
+def tokenizer() -> open_clip.tokenizer.SimpleTokenizer:
+    """CLIP's BPE tokenizer (ships with open_clip, works offline)."""
+    return open_clip.tokenizer.SimpleTokenizer()

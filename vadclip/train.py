@@ -1,0 +1,297 @@
+"""Trainer: `fit(config, data, callbacks)` and the CLI `python -m vadclip.train --preset synthetic`.
+
+Knows nothing of Ray or MLflow: per-epoch results go to callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vadclip.config import ConfigError, VadClipConfig, flatten, preset
+from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dataset
+from vadclip.evaluate import Predictions, evaluate
+from vadclip.losses import total_loss
+from vadclip.model import VadCLIP, build_model, create_clip, tokenizer
+
+CHECKPOINT_LAST, CHECKPOINT_BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    metrics: dict[str, float]  # train/..., val/..., test/..., lr
+    is_best: bool
+    out_dir: Path  # holds last.pt and best.pt after this epoch
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, Any]  # what metrics.json holds
+    history: list[dict[str, float]]
+    out_dir: Path
+    test_predictions: Predictions | None = None
+    model: VadCLIP | None = field(default=None, repr=False)
+
+
+Callback = Callable[[EpochRecord], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary name and rename, so a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_LAST
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_weights(model: VadCLIP, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+
+
+def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device) -> VadCLIP:
+    clip = create_clip(cfg.clip.model, cfg.clip.weights, embed_dim=cfg.model.embed_dim)
+    if hasattr(clip, "visual"):
+        del clip.visual  # training needs only the text tower
+    torch.manual_seed(cfg.seed)  # same initial weights for the same seed, whatever CLIP did
+    return build_model(cfg.model, data.class_prompts, clip, tokenizer()).to(device)
+
+
+def _selection_score(metrics: dict[str, float], cfg: VadClipConfig) -> float:
+    value = metrics.get(f"{cfg.eval.selection}/{cfg.selection_metric}", float("nan"))
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def _evaluate_split(model: VadCLIP, data: VadDataset, split: str, cfg: VadClipConfig,
+                    device: torch.device) -> tuple[dict[str, float], Predictions | None]:
+    videos = data.val if split == "val" else data.test
+    if videos is None:
+        return {}, None
+    metrics, preds = evaluate(model, videos, data.class_codes, length=cfg.model.visual_length, device=device,
+                              score_branch=cfg.score_branch, selection_metric=cfg.selection_metric,
+                              map_protocol=cfg.eval.map_protocol, topk_divisor=cfg.loss.topk_divisor)
+    return {f"{split}/{k}": v for k, v in metrics.items()}, preds
+
+
+def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Path,
+        callbacks: Sequence[Callback] = (), resume: str | Path | None = None,
+        progress: bool = True) -> FitResult:
+    """Train VadCLIP; evaluate every epoch; keep the best checkpoint by `eval.selection`.
+
+    Writes `out_dir/last.pt`, `best.pt` (trainable weights; load with weights_only=True),
+    `config.json` and, at the end, `metrics.json` (the best checkpoint re-evaluated on test).
+    `resume`: a checkpoint file or a folder holding last.pt and best.pt.
+    """
+    if cfg.eval.selection == "val" and cfg.data.val_fraction <= 0:
+        raise ConfigError("eval.selection='val' needs data.val_fraction > 0 (or use selection 'test')")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = data if data is not None else load_dataset(cfg)
+    model = make_model(cfg, data, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones), cfg.optim.gamma)
+    start_epoch, best_score, best_epoch, history = 0, -math.inf, 0, []
+    best_state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    if resume is not None:
+        ckpt = load_checkpoint(resume, device)
+        load_weights(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best_score, best_epoch = ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"]
+        history = list(ckpt["history"])
+        best_path = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        if (best_path / CHECKPOINT_BEST).is_file():
+            best_state = load_checkpoint(best_path / CHECKPOINT_BEST, device)["model"]
+    atomic_write_text(json.dumps(flatten(cfg), indent=1, default=list), out_dir / "config.json")
+
+    def save_best(epoch: int) -> None:
+        nonlocal best_state
+        best_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+        atomic_save({"model": best_state, "epoch": epoch, "config": flatten(cfg)}, out_dir / CHECKPOINT_BEST)
+
+    if resume is None:
+        save_best(0)  # untrained weights until a first evaluation beats them
+    is_normal = data.train_labels[:, 0] > 0.5
+    length = cfg.model.visual_length
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: resume replays it exactly
+        batches = epoch_batches(is_normal, cfg.optim.batch_size, cfg.optim.sampler, rng)
+        sums: dict[str, float] = {}
+        improved = False
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        for step, idx in enumerate(bar, start=1):
+            feats, lengths = collate(data.train, idx, length)
+            x, n = torch.from_numpy(feats).to(device), torch.from_numpy(lengths).to(device)
+            y = torch.from_numpy(data.train_labels[idx]).to(device)
+            terms = total_loss(model(x, n), n, y, cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+            if cfg.eval.eval_every_steps and step % cfg.eval.eval_every_steps == 0:
+                metrics, _ = _evaluate_split(model, data, cfg.eval.selection, cfg, device)
+                score = _selection_score(metrics, cfg)
+                if score > best_score:
+                    best_score, best_epoch, improved = score, epoch + 1, True
+                    save_best(epoch + 1)
+                model.train()
+        scheduler.step()
+        record: dict[str, float] = {f"train/{k}": v / max(len(batches), 1) for k, v in sums.items()}
+        record["train/seconds"] = time.perf_counter() - t0
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        for split in ("val", "test"):
+            record.update(_evaluate_split(model, data, split, cfg, device)[0])
+        score = _selection_score(record, cfg)
+        if score > best_score:
+            best_score, best_epoch, improved = score, epoch + 1, True
+            save_best(epoch + 1)
+        if cfg.eval.reload_best:  # the authors continue each epoch from the best weights so far
+            load_weights(model, best_state)
+        record["epoch"] = epoch + 1
+        history.append(record)
+        atomic_save({"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_score": best_score,
+                     "best_epoch": best_epoch, "history": history, "config": flatten(cfg)},
+                    out_dir / CHECKPOINT_LAST)
+        for callback in callbacks:
+            callback(EpochRecord(epoch + 1, record, improved, out_dir))
+    load_weights(model, best_state)
+    test_metrics, preds = _evaluate_split(model, data, "test", cfg, device)
+    val_metrics, _ = _evaluate_split(model, data, "val", cfg, device)
+    result = {
+        "selection": cfg.eval.selection,
+        "selection_metric": cfg.selection_metric,
+        "score_branch": cfg.score_branch,
+        "map_protocol": cfg.eval.map_protocol,
+        "best_epoch": best_epoch,
+        "test": {k.split("/", 1)[1]: v for k, v in test_metrics.items()},
+        "val": {k.split("/", 1)[1]: v for k, v in val_metrics.items()},
+    }
+    atomic_write_text(json.dumps(result, indent=1, allow_nan=True), out_dir / "metrics.json")
+    return FitResult(result, history, out_dir, preds, model)
+
+
+# ---------------------------------------------------------------- CLI
+
+METRIC_ROWS = ("auc", "ap", "ano_auc", "map@0.1", "map@0.2", "map@0.3", "map@0.4", "map@0.5", "map_avg")
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    test = result["test"]
+    rows = [[m, test.get(m), test.get(f"c_{m}"), test.get(f"a_{m}")] for m in METRIC_ROWS]
+    branch = "A" if test.get("branch_is_a") else "C"
+    footer = (f"selection on {result['selection']} ({result['selection_metric']}, best epoch "
+              f"{result['best_epoch']}); score branch {branch}; AP = sklearn average_precision_score; "
+              f"mAP protocol {result['map_protocol']}")
+    return tabulate(rows, headers=["test metric", "chosen", "C-branch", "A-branch"], floatfmt=".4f",
+                    missingval="-") + "\n" + footer
+
+
+def parse_set(values: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vadclip.train", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="synthetic", help="ucf | xd | synthetic")
+    p.add_argument("--variant", default="official", help="official (authors' code) | paper (paper text)")
+    p.add_argument("--lists", help="the authors' list/ folder (official file names)")
+    p.add_argument("--features", help="where the feature .npy files were unpacked")
+    p.add_argument("--clip-weights", help="local open_clip or OpenAI ViT-B/16 checkpoint")
+    p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics.json)")
+    p.add_argument("--resume", help="checkpoint file or folder to resume from")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. model.window=16 eval.selection=test")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> VadClipConfig:
+    overrides: dict[str, Any] = {}
+    for flag, key in (("lists", "data.lists"), ("features", "data.features"), ("clip_weights", "clip.weights"),
+                      ("epochs", "optim.epochs"), ("seed", "seed"), ("device", "device")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if overrides.get("clip.weights") and args.preset != "synthetic":
+        overrides.setdefault("clip.model", "ViT-B-16")
+    overrides.update(parse_set(args.set))
+    return preset(args.preset, args.variant, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = fit(cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(metrics_table(result.metrics))
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
