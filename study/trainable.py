@@ -1,0 +1,90 @@
+"""The Tune trainable: a plain function, config dict -> VadClipConfig -> vadclip.train.fit."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from study.plots import score_curves
+from study.spec import apply_trial
+from study.tracking import TrialRun, metric_key
+from vadclip.config import from_flat
+from vadclip.data import VadDataset
+from vadclip.train import CHECKPOINT_LAST, EpochRecord, fit, load_checkpoint
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs besides its own params; small and picklable (the data travels separately)."""
+
+    study: str
+    base: dict[str, Any]  # flattened base VadClipConfig
+    variants: dict[str, dict[str, Any]]  # ablation row name -> overrides
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str]
+    cpus_per_trial: float = 1
+    fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests: variant -> epoch that raises
+
+
+class InjectedFailure(RuntimeError):
+    """Raised on purpose by tests of retries and failure accounting."""
+
+
+def trial_config(params: dict[str, Any], ctx: TrialContext):
+    variant = params.get("variant", "search")
+    overrides = {**ctx.variants.get(variant, {}), **{k: v for k, v in params.items() if "." in k}}
+    overrides["seed"] = params["seed"]
+    return apply_trial(from_flat(ctx.base), overrides), variant
+
+
+def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
+    from vadclip.config import flatten
+
+    torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
+    cfg, variant = trial_config(params, ctx)
+    trial_id = tune.get_context().get_trial_id()
+    run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
+                   run_name=f"{variant}-s{cfg.seed}-{trial_id}",
+                   tags={**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
+                         "score_branch": cfg.score_branch})
+    run.log_params(flatten(cfg))
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        resume = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="vadclip-restore-")))
+        run.backfill(load_checkpoint(resume / CHECKPOINT_LAST)["history"])
+    out_dir = Path(tempfile.mkdtemp(prefix="vadclip-trial-"))
+
+    def on_epoch(record: EpochRecord) -> None:
+        if ctx.fail_at_epoch.get(variant) == record.epoch:
+            raise InjectedFailure(f"injected failure in {variant!r} at epoch {record.epoch}")
+        run.log_epoch(record.epoch, record.metrics)
+        metrics = {metric_key(k): v for k, v in record.metrics.items()}
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(record.out_dir)))
+
+    try:
+        result = fit(cfg, data, out_dir=out_dir, callbacks=[on_epoch], resume=resume, progress=False)
+        run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"]},
+                      step=cfg.optim.epochs)
+        run.log_artifact(out_dir / "config.json")
+        run.log_artifact(out_dir / "metrics.json")
+        preds = result.test_predictions
+        scores = preds.a_scores if cfg.score_branch == "a" and preds.a_scores is not None else preds.c_scores
+        if scores is None:
+            scores = preds.a_scores
+        if data.test.frame_gt is not None and scores is not None:
+            run.log_artifact(score_curves(scores, data.test.frame_gt, data.test.names, out_dir / "scores.png",
+                                          cfg.eval.max_plot_videos))
+        (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+        run.end("FINISHED")
+    except BaseException:
+        run.end("FAILED")  # a retry sets it RUNNING again and continues the same run
+        raise

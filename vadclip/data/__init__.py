@@ -1,0 +1,34 @@
+"""Data layer: the authors' list/feature layout, a synthetic twin, datasets and batching."""
+
+from vadclip.data.batching import collate, epoch_batches, pad_to_length, pool_to_length, split_chunks
+from vadclip.data.classes import CLASS_CODES, CLASS_PROMPTS, multi_hot, parse_label
+from vadclip.data.dataset import (
+    Bank,
+    DiskFeatureBank,
+    EvalSet,
+    FeatureBank,
+    VadDataset,
+    build_bank,
+    load_dataset,
+    split_videos,
+)
+from vadclip.data.errors import DataError
+from vadclip.data.layout import (
+    DEFAULT_TEST_CROP,
+    SNIPPET_FRAMES,
+    ListRow,
+    list_files,
+    load_features,
+    read_ground_truth,
+    read_list,
+    resolve_feature_path,
+)
+from vadclip.data.synthetic import ensure_synthetic, synthetic_crops, write_synthetic
+
+__all__ = [
+    "CLASS_CODES", "CLASS_PROMPTS", "DEFAULT_TEST_CROP", "SNIPPET_FRAMES", "Bank", "DataError",
+    "DiskFeatureBank", "EvalSet", "FeatureBank", "ListRow", "VadDataset", "build_bank", "collate",
+    "ensure_synthetic", "epoch_batches", "list_files", "load_dataset", "load_features", "multi_hot",
+    "pad_to_length", "parse_label", "pool_to_length", "read_ground_truth", "read_list",
+    "resolve_feature_path", "split_chunks", "split_videos", "synthetic_crops", "write_synthetic",
+]

@@ -1,0 +1,283 @@
+"""In-memory (or disk-backed) datasets built from the authors' layout: train samples, validation
+videos and test videos. Everything is numpy arrays, lists and strings, so a `VadDataset` pickles
+cheaply (Ray's object store shares the few large arrays without copies)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from vadclip.config import VadClipConfig
+from vadclip.data.batching import pool_to_length
+from vadclip.data.classes import CLASS_CODES, CLASS_PROMPTS, multi_hot
+from vadclip.data.errors import DataError
+from vadclip.data.layout import (
+    DEFAULT_TEST_CROP,
+    SNIPPET_FRAMES,
+    ListRow,
+    crop_files,
+    feature_shape,
+    list_files,
+    load_features,
+    read_ground_truth,
+    read_list,
+)
+from vadclip.data.synthetic import ensure_synthetic
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _parallel_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    # np.load releases the GIL while reading: threads speed up reading tens of thousands of files
+    workers = min(8, os.cpu_count() or 1)
+    if workers == 1 or len(items) < 32:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+class FeatureBank:
+    """Ragged (T_i, d) arrays stored as one `data (sum T, d)` float32 array and `offsets (n+1,)`."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self.data = np.asarray(data, dtype=np.float32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        if self.data.ndim != 2 or self.offsets.ndim != 1 or self.offsets[-1] != len(self.data):
+            raise ValueError("FeatureBank: need data (sum T, d) and offsets (n+1,) ending at sum T")
+
+    @classmethod
+    def from_arrays(cls, arrays: Sequence[np.ndarray], dim: int | None = None) -> FeatureBank:
+        lengths = [len(a) for a in arrays]
+        width = dim if dim is not None else (arrays[0].shape[1] if arrays else 0)
+        data = np.concatenate(arrays).astype(np.float32, copy=False) if arrays else np.zeros((0, width), np.float32)
+        return cls(data, np.concatenate([[0], np.cumsum(lengths)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = range(len(self))[i]  # negative indices, IndexError
+        return self.data[self.offsets[i]:self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.data.shape[1])
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FeatureBank:
+        return FeatureBank.from_arrays([self[int(i)] for i in indices], self.feature_dim)
+
+
+def _read_item(files: Sequence[str], dim: int, pool_length: int | None) -> np.ndarray:
+    """One sample: a crop file, or the mean over several crop files of one video; pooled if asked."""
+    arrays = [load_features(f, dim) for f in files]
+    if any(a.shape != arrays[0].shape for a in arrays):
+        shapes = ", ".join(f"{Path(f).name} {a.shape}" for f, a in zip(files, arrays))
+        raise DataError(f"crops of one video differ in length ({shapes}); expected equal (T, {dim})")
+    x = arrays[0] if len(arrays) == 1 else np.mean(arrays, axis=0, dtype=np.float32)
+    return pool_to_length(x, pool_length) if pool_length is not None else x
+
+
+def _item_length(files: Sequence[str], dim: int, pool_length: int | None) -> int:
+    shapes = [feature_shape(f, dim) for f in files]
+    if any(s != shapes[0] for s in shapes):
+        raise DataError(f"crops of one video differ in length ({', '.join(map(str, files))}: {shapes}); "
+                        f"expected equal (T, {dim})")
+    t = shapes[0][0]
+    return min(t, pool_length) if pool_length is not None else t
+
+
+class DiskFeatureBank:
+    """Same interface as `FeatureBank`, but every access np.loads (and averages / pools) the files,
+    the authors' behaviour (`data.in_memory = False`). Lengths come from the .npy headers."""
+
+    def __init__(self, files: Sequence[Sequence[str | Path]], dim: int, pool_length: int | None = None,
+                 lengths: np.ndarray | None = None) -> None:
+        self.files = [tuple(str(f) for f in item) for item in files]
+        self.dim = dim
+        self.pool_length = pool_length
+        if lengths is None:
+            lengths = np.asarray(_parallel_map(lambda f: _item_length(f, dim, pool_length), self.files),
+                                 dtype=np.int64)
+        self._lengths = np.asarray(lengths, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return _read_item(self.files[range(len(self))[i]], self.dim, self.pool_length)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    @property
+    def feature_dim(self) -> int:
+        return self.dim
+
+
+Bank = FeatureBank | DiskFeatureBank
+
+
+def build_bank(files: Sequence[Sequence[str | Path]], dim: int, pool_length: int | None,
+               in_memory: bool) -> Bank:
+    """Read every item once into a `FeatureBank` (preallocated from the headers: no 2x peak memory),
+    or wrap the files in a `DiskFeatureBank`."""
+    disk = DiskFeatureBank(files, dim, pool_length)
+    if not in_memory:
+        return disk
+    offsets = np.concatenate([[0], np.cumsum(disk.lengths)]).astype(np.int64)
+    data = np.empty((int(offsets[-1]), dim), dtype=np.float32)
+
+    def fill(i: int) -> None:
+        x = disk[i]
+        if len(x) != offsets[i + 1] - offsets[i]:  # file changed between the two reads
+            raise DataError(f"{disk.files[i][0]}: length changed while loading; expected {len(x)} snippets")
+        data[offsets[i]:offsets[i + 1]] = x
+
+    _parallel_map(fill, range(len(disk)))
+    return FeatureBank(data, offsets)
+
+
+@dataclass
+class EvalSet:
+    names: list[str]
+    features: Bank  # raw (T_i, d) per video: the chosen test crop, or the mean over crops
+    labels: np.ndarray  # (n, C) float32 multi-hot
+    frame_gt: np.ndarray | None = None  # (16 * sum T,) float32, list order
+    segments: list[list[tuple[int, int]]] | None = None  # frame [start, end) per gt segment
+    segment_labels: list[list[str]] | None = None
+
+    @property
+    def is_abnormal(self) -> np.ndarray:
+        return self.labels[:, 0] < 0.5
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class VadDataset:
+    style: str
+    class_prompts: list[str]
+    class_codes: list[str]
+    train: Bank  # one sample per training crop, pooled to <= visual_length
+    train_labels: np.ndarray  # (N, C) float32
+    train_video: np.ndarray  # (N,) int64: index into train_names
+    val: EvalSet | None
+    test: EvalSet
+    feature_dim: int
+    train_names: list[str] = field(default_factory=list)  # training video names
+
+
+def split_videos(is_normal: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Bool mask of held-out videos: `fraction` of the normal and of the abnormal videos (at least
+    one of each, never all), deterministic from `seed`."""
+    rng = np.random.default_rng(seed)
+    is_normal = np.asarray(is_normal, dtype=bool)
+    held = np.zeros(len(is_normal), dtype=bool)
+    if fraction <= 0:
+        return held
+    for group in (is_normal, ~is_normal):
+        idx = np.flatnonzero(group)
+        if len(idx) < 2:
+            continue
+        k = int(np.clip(round(fraction * len(idx)), 1, len(idx) - 1))
+        held[rng.permutation(idx)[:k]] = True
+    return held
+
+
+def _eval_files(row: ListRow, test_crop: str, style: str, csv: Path) -> tuple[str, ...]:
+    """The crop file(s) that represent a video at evaluation (`data.test_crop`)."""
+    if test_crop == "mean":
+        found = crop_files(row.path, row.video)
+        return tuple(str(p) for p in found.values()) or (str(row.path),)
+    crop = DEFAULT_TEST_CROP[style] if test_crop == "default" else int(test_crop)
+    if crop == row.crop:
+        return (str(row.path),)
+    sibling = row.path.with_name(f"{row.video}__{crop}.npy")
+    if not sibling.is_file():
+        raise DataError(f"{sibling}: crop {crop} of video {row.video} (listed in {csv}) not found; "
+                        f"data.test_crop={test_crop!r} needs it next to {row.path.name}")
+    return (str(sibling),)
+
+
+def _folder(value: str | None, key: str, dataset: str) -> Path:
+    if value is None:
+        raise DataError(f"{key} is not set; data.dataset={dataset!r} needs it (the authors' "
+                        f"{'list/ folder' if key == 'data.lists' else 'unpacked CLIP feature folder'})")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{path}: {key} is not a directory")
+    return path
+
+
+def _group_videos(rows: list[ListRow], csv: Path) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.video, []).append(i)
+    for video, idx in groups.items():
+        if len({rows[i].classes for i in idx}) > 1:
+            raise DataError(f"{csv}: crops of video {video} have different labels "
+                            f"({sorted({rows[i].label for i in idx})}); expected one label per video")
+    return groups
+
+
+def load_dataset(cfg: VadClipConfig) -> VadDataset:
+    """Train / validation / test data of `cfg.data` (synthetic data goes through the same reader)."""
+    style, d = cfg.style, cfg.data
+    dim, length = cfg.model.embed_dim, cfg.model.visual_length
+    if d.dataset == "synthetic":
+        lists_dir, features_dir = ensure_synthetic(d.synthetic, dim, cfg.seed, d.cache_dir)
+    else:
+        lists_dir = _folder(d.lists, "data.lists", d.dataset)
+        features_dir = _folder(d.features, "data.features", d.dataset)
+    names = list_files(style)
+    train_csv, test_csv = lists_dir / names["train"], lists_dir / names["test"]
+    num_classes = len(CLASS_CODES[style])
+
+    rows = read_list(train_csv, features_dir, style)
+    groups = _group_videos(rows, train_csv)
+    videos = list(groups)
+    held = split_videos(np.array([rows[groups[v][0]].classes == (0,) for v in videos]), d.val_fraction, cfg.seed)
+    train_names = [v for v, h in zip(videos, held) if not h]
+    video_index = {v: i for i, v in enumerate(train_names)}
+    train_rows = [r for r in rows if r.video in video_index]
+    train = build_bank([(str(r.path),) for r in train_rows], dim, length, d.in_memory)
+    train_labels = np.stack([multi_hot(r.classes, num_classes) for r in train_rows])
+    train_video = np.array([video_index[r.video] for r in train_rows], dtype=np.int64)
+
+    val = None
+    if held.any():
+        val_rows = [rows[groups[v][0]] for v, h in zip(videos, held) if h]
+        val = EvalSet(names=[r.video for r in val_rows],
+                      features=build_bank([_eval_files(r, d.test_crop, style, train_csv) for r in val_rows],
+                                          dim, None, d.in_memory),
+                      labels=np.stack([multi_hot(r.classes, num_classes) for r in val_rows]))
+
+    test_rows = read_list(test_csv, features_dir, style)
+    test_bank = build_bank([_eval_files(r, d.test_crop, style, test_csv) for r in test_rows], dim, None, d.in_memory)
+    frame_gt, segments, segment_labels = read_ground_truth(lists_dir, style)
+    expected = SNIPPET_FRAMES * int(test_bank.lengths.sum())
+    if len(frame_gt) != expected:
+        raise DataError(f"{lists_dir / names['frame_gt']}: {len(frame_gt)} frames, expected {expected} "
+                        f"(16 per snippet of the {len(test_rows)} videos of {test_csv.name}, in list order)")
+    if len(segments) != len(test_rows):
+        raise DataError(f"{lists_dir / names['segments']}: {len(segments)} videos, expected {len(test_rows)} "
+                        f"(one entry per row of {test_csv.name}, in list order)")
+    test = EvalSet(names=[r.video for r in test_rows], features=test_bank,
+                   labels=np.stack([multi_hot(r.classes, num_classes) for r in test_rows]),
+                   frame_gt=frame_gt, segments=segments, segment_labels=segment_labels)
+    return VadDataset(style=style, class_prompts=list(CLASS_PROMPTS[style]), class_codes=list(CLASS_CODES[style]),
+                      train=train, train_labels=train_labels, train_video=train_video, val=val, test=test,
+                      feature_dim=dim, train_names=train_names)
