@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.name:
         list_studies()
         return 0
-    if args.name not in specs.available():
+    if args.name not in specs.available() and not (args.name.endswith(".yaml") and Path(args.name).is_file()):
         print(f"error: unknown study {args.name!r}", file=sys.stderr)
         list_studies(sys.stderr)
         return 2

@@ -1,0 +1,127 @@
+"""End to end on a local Ray instance: real trials, a real MLflow SQLite store, real reports."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from study import spec as specs
+from study.run import RunOptions, run_study
+
+TINY = {"data.synthetic.train_normal": 8, "data.synthetic.train_abnormal": 8, "data.synthetic.test_normal": 4,
+        "data.synthetic.test_abnormal": 4, "data.synthetic.max_length": 150, "model.embed_dim": 32,
+        "model.visual_length": 64, "optim.batch_size": 8, "data.val_fraction": 0.25}
+
+
+def tiny_spec(tmp_path: Path, name: str = "tiny_ablation") -> Path:
+    raw = {"name": name, "kind": "ablation", "description": "two rows of Table 5", "preset": "synthetic",
+           "metric": "ap", "seeds": 2, "full": "LGT", "resources": {"cpu": 1, "gpu": 0}, "max_failures": 1,
+           "base": {"eval.score_branch": "a", **TINY},
+           "variants": [{"name": "none", "set": {"model.temporal": "none"}, "paper": {"ap": 72.22}},
+                        {"name": "LGT", "set": {"model.temporal": "local+gcn"}, "paper": {"ap": 84.51}}]}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def children(uri: str, experiment: str, parent: str):
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_tiny_study_parent_children_and_report_match_mlflow(tmp_path, ray_local):
+    spec_path = tiny_spec(tmp_path)
+    out = run_study(str(spec_path), RunOptions(max_epochs=1, project=tmp_path, verbose=0))
+    uri = out["tracking_uri"]
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name("tiny_ablation")
+    parents = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'parent'")
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    runs = children(uri, "tiny_ablation", out["parent_run_id"])
+    assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"}
+    assert set(runs["tags.variant"]) == {"none", "LGT"} and set(runs["tags.seed"]) == {"234", "235"}
+    assert set(runs["params.model.temporal"]) == {"none", "local+gcn"}
+    assert runs["metrics.final/ap"].notna().all() and runs["metrics.val/ap"].notna().all()
+    client = mlflow.tracking.MlflowClient(uri)
+    history = client.get_metric_history(runs.iloc[0]["run_id"], "train/loss")
+    assert [m.step for m in history] == [1]
+    table = out["report"].table
+    expected = runs.groupby("tags.variant")["metrics.final/ap"].agg(["mean", "std", "count"])
+    for variant, row in expected.iterrows():
+        assert table.loc[variant, "ap_mean"] == pytest.approx(row["mean"])
+        assert table.loc[variant, "ap_std"] == pytest.approx(row["std"])
+        assert table.loc[variant, "ap_n"] == row["count"]
+    md = (tmp_path / "reports" / "tiny_ablation.md").read_text()
+    assert "LGT" in md and "84.51" in md and "average_precision_score" in md
+    assert (tmp_path / "reports" / "tiny_ablation.tex").read_text().count("\\toprule") == 1
+
+
+def test_failing_trial_is_retried_then_counted_and_study_completes(tmp_path, ray_local):
+    spec_path = tiny_spec(tmp_path, "tiny_failure")
+    out = run_study(str(spec_path), RunOptions(max_epochs=1, seeds=1, project=tmp_path, verbose=0,
+                                               fail_at_epoch={"none": 1}))
+    assert out["failed"] == 1
+    runs = children(out["tracking_uri"], "tiny_failure", out["parent_run_id"])
+    assert len(runs) == 2  # the retry continued the same child run, no duplicate
+    status = dict(zip(runs["tags.variant"], runs["status"]))
+    assert status == {"none": "FAILED", "LGT": "FINISHED"}
+    assert out["report"].table.loc["none", "failed"] == 1
+    assert "Failed trials (status FAILED): 1 of 2" in out["report"].md.read_text()
+
+
+def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
+    spec_path = tiny_spec(tmp_path, "tiny_resume")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "study.run", str(spec_path), "--max-epochs", "2", "--seeds", "3",
+           "--num-cpus", "1"]
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    finished = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        try:
+            mlflow.set_tracking_uri(uri)
+            exp = mlflow.get_experiment_by_name("tiny_resume")
+            if exp is not None:
+                runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
+                finished = int((runs["status"] == "FINISHED").sum()) if len(runs) else 0
+        except Exception:
+            continue
+        if finished >= 2:
+            break
+    assert proc.poll() is None, "the study finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name("tiny_resume")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
+    assert len(runs) == 6 and runs["tags.trial_id"].nunique() == 6
+    assert set(runs["status"]) == {"FINISHED"}
+
+
+@pytest.mark.parametrize("name", sorted(specs.available()))
+def test_every_study_yaml_loads_and_dry_runs(name, capsys, tmp_path):
+    out = run_study(name, RunOptions(dry_run=True, project=tmp_path))
+    assert out["dry_run"] and len(out["trials"]) >= 1
+    assert f"study {name}" in capsys.readouterr().out
+    assert not (tmp_path / "mlruns.db").exists()  # a dry run writes nothing
