@@ -224,13 +224,15 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     errors = sum(1 for r in results if r.error is not None)
     stopped = close_unfinished_children(uri, experiment_id, parent_id)
     reports = Path(opts.reports_dir or opts.project / "reports")
-    files = build_report(spec, uri, reports, parent_run_id=parent_id)
-    from mlflow.tracking import MlflowClient
+    try:
+        files = build_report(spec, uri, reports, parent_run_id=parent_id)
+        from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(uri)
-    for artifact in [files.md, files.tex, files.csv, *files.plots]:
-        c.log_artifact(parent_id, str(artifact), "report")
-    set_status(uri, parent_id, "FINISHED")
+        c = MlflowClient(uri)
+        for artifact in [files.md, files.tex, files.csv, *files.plots]:
+            c.log_artifact(parent_id, str(artifact), "report")
+    finally:  # the trials' results are in MLflow whatever happens to the report
+        set_status(uri, parent_id, "FINISHED")
     return {"parent_run_id": parent_id, "experiment_id": experiment_id, "tracking_uri": uri, "failed": errors,
             "stopped_early": stopped, "report": files, "storage": path}
 
@@ -274,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown study {args.name!r}", file=sys.stderr)
         list_studies(sys.stderr)
         return 2
+    from study.report import ReportError
     from vadclip.train import parse_set
 
     try:
@@ -284,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           num_cpus=args.num_cpus, overrides=parse_set(args.set))
         t0 = time.perf_counter()
         summary = run_study(args.name, opts)
-    except (specs.SpecError, StudyError, TrackingError, ConfigError, DataError, FileNotFoundError) as err:
+    except (specs.SpecError, StudyError, TrackingError, ConfigError, DataError, FileNotFoundError,
+            ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if summary.get("dry_run"):

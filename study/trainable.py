@@ -54,7 +54,8 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
                    run_name=f"{variant}-s{cfg.seed}-{trial_id}",
                    tags={**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
-                         "score_branch": cfg.score_branch})
+                         "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
+                         "map_protocol": cfg.eval.map_protocol})
     run.log_params(flatten(cfg))
     resume = None
     checkpoint = tune.get_checkpoint()
