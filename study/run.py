@@ -212,8 +212,9 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
             searcher = OptunaSearch(metric=metric, mode="max", seed=p["seeds"][0])
             if spec.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
+            # max_t past the last epoch: ASHA stops only losers, a trial that trains to the end finishes itself
             scheduler = (ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max",
-                                       max_t=base.optim.epochs, grace_period=spec.scheduler.get("grace_period", 1),
+                                       max_t=base.optim.epochs + 1, grace_period=spec.scheduler.get("grace_period", 1),
                                        reduction_factor=spec.scheduler.get("reduction_factor", 2))
                          if spec.scheduler["type"] == "asha" else FIFOScheduler())
             tune_config = tune.TuneConfig(num_samples=len(p["trials"]), search_alg=searcher, scheduler=scheduler,

@@ -63,13 +63,17 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         resume = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="vadclip-restore-")))
         run.backfill(load_checkpoint(resume / CHECKPOINT_LAST)["history"])
     out_dir = Path(tempfile.mkdtemp(prefix="vadclip-trial-"))
+    reporting = False  # Tune stops a trial (scheduler decision) by raising inside tune.report
 
     def on_epoch(record: EpochRecord) -> None:
         if ctx.fail_at_epoch.get(variant) == record.epoch:
             raise InjectedFailure(f"injected failure in {variant!r} at epoch {record.epoch}")
         run.log_epoch(record.epoch, record.metrics)
         metrics = {metric_key(k): v for k, v in record.metrics.items()}
+        nonlocal reporting
+        reporting = True
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(record.out_dir)))
+        reporting = False
 
     try:
         result = fit(cfg, data, out_dir=out_dir, callbacks=[on_epoch], resume=resume, progress=False)
@@ -87,5 +91,9 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
         run.end("FINISHED")
     except BaseException:
-        run.end("FAILED")  # a retry sets it RUNNING again and continues the same run
+        if reporting:  # stopped early by the scheduler, not a failure
+            run.set_tags({"stopped_early": "true"})
+            run.end("KILLED")
+        else:
+            run.end("FAILED")  # a retry sets it RUNNING again and continues the same run
         raise
