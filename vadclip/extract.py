@@ -15,7 +15,6 @@ import glob
 import io
 import json
 import logging
-import os
 import queue
 import sys
 import threading
@@ -36,6 +35,7 @@ from torchvision.transforms import Normalize
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vadclip.io import atomic_write, atomic_write_text
 from vadclip.model.clip import create_clip
 
 log = logging.getLogger("vadclip.extract")  # not "__main__" under python -m
@@ -435,20 +435,9 @@ def make_jobs(videos_dir: Path, label_file: Path | None) -> list[VideoJob]:
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    """Temp file in the same folder, then os.replace: a crash never leaves a half-written `.npy`."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.save would append `.npy` to a plain name
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A crash never leaves a half-written `.npy` (see `vadclip.io.temp_name` for the stray pattern)."""
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def write_features(job: VideoJob, out_dir: Path, feats: np.ndarray) -> None:
@@ -457,12 +446,6 @@ def write_features(job: VideoJob, out_dir: Path, feats: np.ndarray) -> None:
     (out_dir / job.label).mkdir(parents=True, exist_ok=True)
     for k, feat in enumerate(feats):
         save_npy_atomic(feat, job.output(out_dir, k))
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def remove_stray_temps(job: VideoJob, out_dir: Path) -> None:
@@ -483,7 +466,7 @@ def write_list(jobs: Sequence[VideoJob], out_dir: Path, crops: int, path: Path) 
     writer.writerow(["path", "label"])
     for job in ordered:
         writer.writerows([str(job.output(out_dir, k)), job.label] for k in range(crops))
-    write_text_atomic(buf.getvalue(), path)
+    atomic_write_text(buf.getvalue(), path)
 
 
 def _manifest(clip_model: str, clip_weights: str | None, crops: int, snippet: str) -> dict[str, Any]:
@@ -502,7 +485,7 @@ def check_manifest(out_dir: Path, wanted: dict[str, Any], overwrite: bool) -> No
             what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in diff.items())
             raise ExtractError(f"OUT {str(out_dir)!r} holds features made with {what}; "
                                f"use another OUT or --overwrite (overwrite=True)")
-    write_text_atomic(json.dumps(wanted, indent=2) + "\n", path)
+    atomic_write_text(json.dumps(wanted, indent=2) + "\n", path)
 
 
 # ---------------------------------------------------------------------------------------------- API

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from vadclip.config import ConfigError, VadClipConfig, flatten, preset
 from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dataset
 from vadclip.evaluate import Predictions, evaluate
+from vadclip.io import atomic_write, atomic_write_text
 from vadclip.losses import total_loss
 from vadclip.model import VadCLIP, build_model, create_clip, tokenizer
 
@@ -63,16 +63,7 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name and rename, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> dict[str, Any]:

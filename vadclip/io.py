@@ -1,0 +1,30 @@
+"""Atomic file writes: a temporary name in the same folder, then os.replace, so a crash never leaves
+a half-written checkpoint, feature file or metrics file behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def temp_name(path: Path) -> Path:
+    """Hidden sibling `.NAME.PID.tmp` (same filesystem, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write` fills a binary file object; it lands at `path` whole or not at all."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.save would append `.npy` to a plain name
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
