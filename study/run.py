@@ -19,11 +19,14 @@ from study import spec as specs  # noqa: E402
 from study.tracking import (  # noqa: E402
     TrackingError,
     check_tracking_uri,
+    client,
     close_unfinished_children,
     code_version,
     default_tracking_uri,
     ensure_experiment,
+    log_artifacts,
     metric_key,
+    reopen,
     set_status,
     start_parent,
 )
@@ -77,7 +80,7 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> dict[str, Any]:
         raise StudyError(f"--dataset {dataset!r} unknown; allowed: {', '.join(specs.DATASETS)}")
     extra = _extra_overrides(opts)
     base = specs.base_config(spec, dataset, extra)
-    configs = specs.trial_configs(spec, dataset, extra)
+    specs.trial_configs(spec, dataset, extra)  # every row must build a valid config for this dataset
     if dataset != "synthetic":
         for key in ("lists", "features"):
             folder = getattr(base.data, key)
@@ -90,7 +93,7 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> dict[str, Any]:
         seeds = seeds[:1]  # a searcher proposes configs; repeats over seeds belong to ablations
     trials = ([(v.name, s) for v in spec.variants for s in seeds] if spec.kind == "ablation"
               else [("search", seeds[0])] * (opts.num_samples or spec.num_samples))
-    return {"dataset": dataset, "base": base, "configs": configs, "seeds": seeds, "trials": trials,
+    return {"dataset": dataset, "base": base, "seeds": seeds, "trials": trials,
             "metric": spec.resolve_metric(base.style)}
 
 
@@ -150,9 +153,8 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     uri = opts.tracking_uri or default_tracking_uri(opts.project)
     check_tracking_uri(uri)
     storage = opts.storage or str(opts.project / "ray_results")
-    if "://" not in storage:
-        if not Path(storage).is_absolute():
-            storage = str((opts.project / storage).resolve())
+    if "://" not in storage and not Path(storage).is_absolute():
+        storage = str((opts.project / storage).resolve())
     state_file = _state_path(opts, spec.name)
     previous = json.loads(state_file.read_text()) if state_file.is_file() else None
     if opts.resume and previous is None:
@@ -167,16 +169,12 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     if opts.resume:
         run_name, parent_id = previous["run_name"], previous["parent_run_id"]
         storage = previous["storage"]
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(uri).update_run(parent_id, status="RUNNING")
+        reopen(uri, parent_id)
     else:
         run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent_id = start_parent(uri, experiment_id, run_name, tags,
                                  {"study.trials": len(p["trials"]), **flatten(base)})
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(uri).log_text(parent_id, spec.text(), f"{spec.name}.yaml")
+        client(uri).log_text(parent_id, spec.text(), f"{spec.name}.yaml")
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"run_name": run_name, "parent_run_id": parent_id, "storage": storage,
                                           "experiment_id": experiment_id, "tracking_uri": uri}))
@@ -227,11 +225,7 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     reports = Path(opts.reports_dir or opts.project / "reports")
     try:
         files = build_report(spec, uri, reports, parent_run_id=parent_id)
-        from mlflow.tracking import MlflowClient
-
-        c = MlflowClient(uri)
-        for artifact in [files.md, files.tex, files.csv, *files.plots]:
-            c.log_artifact(parent_id, str(artifact), "report")
+        log_artifacts(uri, parent_id, [files.md, files.tex, files.csv, *files.plots], "report")
     finally:  # the trials' results are in MLflow whatever happens to the report
         set_status(uri, parent_id, "FINISHED")
     return {"parent_run_id": parent_id, "experiment_id": experiment_id, "tracking_uri": uri, "failed": errors,

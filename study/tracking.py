@@ -116,6 +116,17 @@ def set_status(uri: str, run_id: str, status: str) -> None:
     retry(client(uri).set_terminated, run_id, status)
 
 
+def reopen(uri: str, run_id: str) -> None:
+    """A resumed study or retried trial continues its run instead of creating another."""
+    retry(client(uri).update_run, run_id, status="RUNNING")
+
+
+def log_artifacts(uri: str, run_id: str, paths: list[Path], folder: str | None = None) -> None:
+    c = client(uri)
+    for path in paths:
+        retry(c.log_artifact, run_id, str(path), folder)
+
+
 def children(uri: str, experiment_id: str, parent_id: str) -> list:
     return retry(client(uri).search_runs, [experiment_id],
                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000)
@@ -123,10 +134,9 @@ def children(uri: str, experiment_id: str, parent_id: str) -> list:
 
 def close_unfinished_children(uri: str, experiment_id: str, parent_id: str) -> int:
     """Trials stopped by the scheduler never end their own run: mark them KILLED."""
-    n = 0
+    n, c = 0, client(uri)
     for run in children(uri, experiment_id, parent_id):
         if run.info.status == "RUNNING":
-            c = client(uri)
             retry(c.set_tag, run.info.run_id, "stopped_early", "true")
             retry(c.set_terminated, run.info.run_id, "KILLED")
             n += 1
@@ -143,7 +153,7 @@ class TrialRun:
                          filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id = '{trial_id}'")
         if existing:
             self.run_id = existing[0].info.run_id
-            retry(self.c.update_run, self.run_id, status="RUNNING")
+            reopen(uri, self.run_id)
             self.resumed = True
         else:
             run = retry(self.c.create_run, experiment_id, run_name=run_name,
@@ -181,7 +191,7 @@ class TrialRun:
         retry(self.c.log_batch, self.run_id, metrics=items)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        retry(self.c.log_artifact, self.run_id, str(path), folder)
+        log_artifacts(self.uri, self.run_id, [path], folder)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         retry(self.c.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

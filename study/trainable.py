@@ -14,7 +14,7 @@ from ray import tune
 from study.plots import score_curves
 from study.spec import apply_trial
 from study.tracking import TrialRun, metric_key
-from vadclip.config import from_flat
+from vadclip.config import flatten, from_flat
 from vadclip.data import VadDataset
 from vadclip.train import CHECKPOINT_LAST, EpochRecord, fit, load_checkpoint
 
@@ -46,8 +46,6 @@ def trial_config(params: dict[str, Any], ctx: TrialContext):
 
 
 def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
-    from vadclip.config import flatten
-
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     cfg, variant = trial_config(params, ctx)
     trial_id = tune.get_context().get_trial_id()
