@@ -23,6 +23,13 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def spec_error(tmp_path: Path, text: str) -> str:
+    """The SpecError message of loading `text` as a study YAML."""
+    with pytest.raises(SpecError) as err:
+        load(write(tmp_path, text))
+    return str(err.value)
+
+
 def test_unknown_study_lists_the_studies(tmp_path, monkeypatch, capsys):
     err = run(["no_such_study"], tmp_path, monkeypatch, capsys)
     assert "unknown study 'no_such_study'" in err and "ablation_lgt" in err
@@ -40,9 +47,8 @@ def test_malformed_yaml(tmp_path, monkeypatch, capsys):
     ("seeds: three\nvariants: [{name: a}]", "key 'seeds' must be a int"),
 ])
 def test_invalid_ablation_keys_name_file_key_and_allowed(tmp_path, body, needle):
-    with pytest.raises(SpecError) as err:
-        load(write(tmp_path, f"name: x\nkind: ablation\ndescription: d\n{body}\n"))
-    assert "bad.yaml" in str(err.value) and needle in str(err.value)
+    message = spec_error(tmp_path, f"name: x\nkind: ablation\ndescription: d\n{body}\n")
+    assert "bad.yaml" in message and needle in message
 
 
 @pytest.mark.parametrize("domain,needle", [
@@ -52,9 +58,8 @@ def test_invalid_ablation_keys_name_file_key_and_allowed(tmp_path, body, needle)
     ("{uniform: [0.1, 0.5]}\n  model.temporal: {uniform: [0, 1]}", "use choice"),
 ])
 def test_search_space_optuna_cannot_express(tmp_path, domain, needle):
-    with pytest.raises(SpecError) as err:
-        load(write(tmp_path, f"name: x\nkind: search\ndescription: d\nspace:\n  model.temperature: {domain}\n"))
-    assert needle in str(err.value)
+    text = f"name: x\nkind: search\ndescription: d\nspace:\n  model.temperature: {domain}\n"
+    assert needle in spec_error(tmp_path, text)
 
 
 def test_missing_data_folder(tmp_path, monkeypatch, capsys):
