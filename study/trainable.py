@@ -16,6 +16,7 @@ from study.spec import apply_trial
 from study.tracking import TrialRun, metric_key
 from vadclip.config import flatten, from_flat
 from vadclip.data import VadDataset
+from vadclip.evaluate import branch_scores
 from vadclip.train import CHECKPOINT_LAST, EpochRecord, fit, load_checkpoint
 
 
@@ -79,10 +80,8 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
                       step=cfg.optim.epochs)
         run.log_artifact(out_dir / "config.json")
         run.log_artifact(out_dir / "metrics.json")
-        preds = result.test_predictions
-        scores = preds.a_scores if cfg.score_branch == "a" and preds.a_scores is not None else preds.c_scores
-        if scores is None:
-            scores = preds.a_scores
+        chosen = "a" if result.metrics["test"].get("branch_is_a") else "c"  # also right for score_branch 'best'
+        scores = branch_scores(result.test_predictions).get(chosen)
         if data.test.frame_gt is not None and scores is not None:
             run.log_artifact(score_curves(scores, data.test.frame_gt, data.test.names, out_dir / "scores.png",
                                           cfg.eval.max_plot_videos))
