@@ -39,6 +39,7 @@ from scipy import stats  # noqa: E402
 
 from study.spec import SpecError, StudySpec, load  # noqa: E402
 from study.tracking import PARENT, TRIAL, default_tracking_uri  # noqa: E402
+from study.tracking import client as tracking_client  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 CORE = ("auc", "ap", "ano_auc", "map_avg")
@@ -94,7 +95,7 @@ def _client(uri: str) -> MlflowClient:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         # MLflow would silently create an empty store; a report must not write anything
         raise ReportError(f"no MLflow store at {uri} (the file does not exist)")
-    return MlflowClient(tracking_uri=uri)
+    return tracking_client(uri)
 
 
 def _runs(client: MlflowClient, experiment_id: str, filter_string: str) -> pd.DataFrame:

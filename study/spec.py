@@ -213,15 +213,8 @@ def parse(raw: Any, path: Path) -> StudySpec:
 
 def trial_configs(spec: StudySpec, dataset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build (and so validate) the config of each ablation row, or of the search's lower corner."""
-    try:
-        variant = spec.variant
-        out = {}
-        rows = spec.variants or (Variant("search", {k: _corner(d) for k, d in spec.space.items()}),)
-        for row in rows:
-            out[row.name] = preset(dataset, variant, {**spec.base, **(extra or {}), **row.overrides})
-        return out
-    except ConfigError as err:
-        raise SpecError(f"{spec.path}: {err}") from err
+    rows = spec.variants or (Variant("search", {k: _corner(d) for k, d in spec.space.items()}),)
+    return {row.name: base_config(spec, dataset, {**(extra or {}), **row.overrides}) for row in rows}
 
 
 def _corner(domain: dict[str, list]) -> Any:
