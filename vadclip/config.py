@@ -167,20 +167,22 @@ _UCF = {
     "eval.eval_every_steps": 10,
 }
 _XD: dict[str, Any] = {"data.dataset": "xd"}
-# Small enough for 2 CPU cores in about a minute per run; XD-style by default (the paper's ablations).
+# About 15 s per run on 2 CPU cores; XD-style by default (the paper's ablations). d = 64 and 400
+# training videos: at d = 128 with 200 videos the full model memorised the video labels (train BCE
+# 0.2, test AUC ~0.6); here LGT reaches test AUC ~0.9 and the no-temporal baseline ~0.6.
 _SYNTHETIC = {
     "data.dataset": "synthetic",
     "clip.model": "vadclip-tiny",
-    "model.embed_dim": 128,
+    "model.embed_dim": 64,
     "model.visual_length": 128,
     "model.window": 16,
     "loss.cts_weight": 1e-4,
-    "data.synthetic.train_normal": 100,
-    "data.synthetic.train_abnormal": 100,
-    "data.synthetic.signal": 1.5,
+    "data.synthetic.train_normal": 200,
+    "data.synthetic.train_abnormal": 200,
+    "data.synthetic.signal": 2.0,
     "optim.lr": 3e-4,
-    "optim.epochs": 4,
-    "optim.milestones": (3,),
+    "optim.epochs": 6,
+    "optim.milestones": (5,),
     "optim.batch_size": 16,
     "optim.sampler": "mixed",
 }

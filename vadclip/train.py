@@ -169,7 +169,7 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
             optimizer.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+            bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
             if cfg.eval.eval_every_steps and step % cfg.eval.eval_every_steps == 0:
                 metrics, _ = _evaluate_split(model, data, cfg.eval.selection, cfg, device)
                 score = _selection_score(metrics, cfg)
