@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,10 @@ import torch
 from PIL import Image
 
 from vadclip import extract as ex
+from vadclip.config import preset
+from vadclip.data import load_dataset, write_ground_truth
 from vadclip.extract import ExtractError, crop_frames, extract_videos
+from vadclip.train import main as train_main
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
@@ -355,3 +359,43 @@ def test_cli_skips_corrupt_video_and_exits_1(tmp_path: Path) -> None:
     assert "RANDOM weights" in proc.stderr  # the loud warning survives
     assert np.load(out / "Abuse/good__0.npy").shape == (2, 512)
     assert list(pd.read_csv(out / "CLIP_rgb.csv").path) == [str(out / "Abuse/good__0.npy")]
+
+
+# ------------------------------------------------------------------------------------ into the trainer
+
+
+def test_trainer_trains_on_extracted_features(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Extract a UCF-style train and test folder, add ground truth, and run `python -m vadclip.train`
+    on the result with the official list names (--lists / --features), as a user would."""
+    videos, out, lists = tmp_path / "videos", tmp_path / "features", tmp_path / "list"
+    for i in range(3):
+        small_video(videos / f"train/Abuse/Abuse{i:03d}_x264.mp4", 40 + 9 * i, seed=i)
+        small_video(videos / f"train/Normal/Normal_Videos{i:03d}_x264.mp4", 36 + 7 * i, seed=10 + i)
+    small_video(videos / "test/Abuse/Abuse100_x264.mp4", 80, seed=20)  # T = 5
+    small_video(videos / "test/Normal/Normal_Videos_100_x264.mp4", 50, seed=21)  # T = 4
+    assert run(videos / "train", out / "train", crops=1, snippet="middle", list_name="ucf_CLIP_rgb").ok
+    assert run(videos / "test", out / "test", crops=10, snippet="middle", list_name="ucf_CLIP_rgbtest").ok
+    lists.mkdir()
+    for name, split in (("ucf_CLIP_rgb.csv", "train"), ("ucf_CLIP_rgbtest.csv", "test")):
+        (lists / name).write_bytes((out / split / name).read_bytes())
+    write_ground_truth(lists, "ucf", [(5, [(16, 48, "Abuse")]), (4, [])])  # test list order: abnormal first
+
+    args = ["--preset", "ucf", "--lists", str(lists), "--features", str(out), "--out", str(tmp_path / "run"),
+            "--no-progress", "--epochs", "2", "--device", "cpu", "--set", "clip.model=vadclip-tiny",
+            "model.visual_length=16", "optim.batch_size=2", "data.val_fraction=0",
+            "eval.selection=test", "eval.eval_every_steps=0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert train_main(args) == 0
+    assert "map_avg" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert 0 <= metrics["test"]["auc"] <= 1 and np.isfinite(metrics["test"]["map_avg"])
+    last = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    assert [h["epoch"] for h in last["history"]] == [1, 2]
+    assert all(np.isfinite(h["train/loss"]) for h in last["history"])
+    cfg = preset("ucf", overrides={"clip.model": "vadclip-tiny", "data.lists": str(lists),
+                                   "data.features": str(out), "data.val_fraction": 0})
+    data = load_dataset(cfg)
+    assert len(data.train) == 6 and list(data.test.features.lengths) == [5, 4]  # 10 crops listed, crop 5 read
+    np.testing.assert_array_equal(data.test.features[1], np.load(out / "test/Normal/Normal_Videos_100_x264__5.npy"))
+    assert data.train_labels[:, 0].sum() == 3  # three normal training videos

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from vadclip.data import DataError, list_files, load_features, read_ground_truth, read_list, resolve_feature_path
+from vadclip.data import (
+    DataError,
+    list_files,
+    load_features,
+    read_ground_truth,
+    read_list,
+    resolve_feature_path,
+    write_ground_truth,
+)
 from vadclip.data.layout import split_crop
 
 AUTHORS = "/home/xbgydx/Desktop/UCFClipFeatures"
@@ -138,3 +146,14 @@ def test_read_ground_truth_errors(tmp_path):
     np.save(tmp_path / "gt_label.npy", _object_array([["B1", "Shooting"]]), allow_pickle=True)
     with pytest.raises(DataError, match=r"gt_label\.npy.*Shooting"):
         read_ground_truth(tmp_path, "xd")
+
+
+def test_write_ground_truth_round_trips_and_rejects_bad_segments(tmp_path):
+    write_ground_truth(tmp_path, "xd", [(3, [(16, 40, "B1"), (0, 8, "G")]), (2, [])])
+    frame_gt, segments, labels = read_ground_truth(tmp_path, "xd")
+    assert frame_gt.tolist() == [1.0] * 8 + [0.0] * 8 + [1.0] * 24 + [0.0] * 8 + [0.0] * 32
+    assert segments == [[(0, 8), (16, 40)], [(0, 32)]] and labels == [["G", "B1"], ["A"]]
+    with pytest.raises(DataError, match="test video 0: unknown class 'Fighting'"):
+        write_ground_truth(tmp_path, "xd", [(3, [(0, 16, "Fighting")])])
+    with pytest.raises(DataError, match=r"segment \[0, 64\) is outside its 48 frames"):
+        write_ground_truth(tmp_path, "ucf", [(3, [(0, 64, "Abuse")])])

@@ -22,6 +22,7 @@ from vadclip.data.layout import (
     read_ground_truth,
     read_list,
     resolve_feature_path,
+    write_ground_truth,
 )
 from vadclip.data.synthetic import ensure_synthetic, synthetic_crops, write_synthetic
 
@@ -30,5 +31,6 @@ __all__ = [
     "DiskFeatureBank", "EvalSet", "FeatureBank", "ListRow", "VadDataset", "build_bank", "collate",
     "ensure_synthetic", "epoch_batches", "list_files", "load_dataset", "load_features", "multi_hot",
     "pad_to_length", "parse_label", "pool_to_length", "read_ground_truth", "read_list",
-    "resolve_feature_path", "split_chunks", "split_videos", "synthetic_crops", "write_synthetic",
+    "resolve_feature_path", "split_chunks", "split_videos", "synthetic_crops", "write_ground_truth",
+    "write_synthetic",
 ]

@@ -265,7 +265,8 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
                                           dim, None, d.in_memory),
                       labels=np.stack([multi_hot(r.classes, num_classes) for r in val_rows]))
 
-    test_rows = read_list(test_csv, features_dir, style)
+    listed = read_list(test_csv, features_dir, style)  # one row per video, or every crop of it
+    test_rows = [listed[idx[0]] for idx in _group_videos(listed, test_csv).values()]
     test_bank = build_bank([_eval_files(r, d.test_crop, style, test_csv) for r in test_rows], dim, None, d.in_memory)
     frame_gt, segments, segment_labels = read_ground_truth(lists_dir, style)
     expected = SNIPPET_FRAMES * int(test_bank.lengths.sum())

@@ -18,8 +18,8 @@ from vadclip.data.classes import CLASS_CODES, GT_NORMAL, check_style, parse_labe
 from vadclip.data.errors import DataError
 
 __all__ = ["DataError", "ListRow", "list_files", "read_list", "resolve_feature_path", "split_crop",
-           "load_features", "feature_shape", "read_ground_truth", "crop_files", "DEFAULT_TEST_CROP",
-           "SNIPPET_FRAMES"]
+           "load_features", "feature_shape", "read_ground_truth", "write_ground_truth", "crop_files",
+           "DEFAULT_TEST_CROP", "SNIPPET_FRAMES"]
 
 SNIPPET_FRAMES = 16  # frames per CLIP snippet: a video of T snippets has 16*T gt frames
 DEFAULT_TEST_CROP = {"ucf": 5, "xd": 0}  # the single crop the authors' test lists use
@@ -218,3 +218,46 @@ def read_ground_truth(lists_dir: str | Path, style: str
         segments.append(video_segs)
         labels.append(video_labs)
     return frame_gt, segments, labels
+
+
+Annotation = tuple[int, int, str]  # (start frame, end frame exclusive, class code / UCF class name)
+
+
+def write_ground_truth(lists_dir: str | Path, style: str,
+                       videos: list[tuple[int, list[Annotation]]]) -> None:
+    """Write the three ground-truth files of the test list (official names) from annotations.
+
+    `videos`: per test video, in the order of the test CSV, (T snippets, its anomalous segments);
+    no segments = a normal video. As in the authors' files: 16*T frame labels per video, abnormal
+    segment coordinates as strings, normal videos one whole-video segment labelled `A`.
+    """
+    check_style(style)
+    lists_dir = Path(lists_dir)
+    allowed = set(CLASS_CODES[style][1:])
+    frames, segments, labels = [], [], []
+    for i, (length, segs) in enumerate(videos):
+        gt = np.zeros(SNIPPET_FRAMES * length, dtype=np.float32)
+        for start, end, code in segs:
+            if code not in allowed:
+                raise DataError(f"ground truth of test video {i}: unknown class {code!r}; expected one of "
+                                f"{', '.join(sorted(allowed))}")
+            if not 0 <= start < end <= len(gt):
+                raise DataError(f"ground truth of test video {i}: segment [{start}, {end}) is outside its "
+                                f"{len(gt)} frames (16 per snippet)")
+            gt[start:end] = 1.0
+        frames.append(gt)
+        if segs:
+            ordered = sorted(segs)
+            segments.append([[str(s), str(e)] for s, e, _ in ordered])
+            labels.append([c for _, _, c in ordered])
+        else:
+            segments.append([[0, len(gt)]])
+            labels.append([GT_NORMAL])
+    names = list_files(style)
+    lists_dir.mkdir(parents=True, exist_ok=True)
+    np.save(lists_dir / names["frame_gt"], np.concatenate(frames) if frames else np.zeros(0, np.float32))
+    for key, items in (("segments", segments), ("segment_labels", labels)):
+        arr = np.empty(len(items), dtype=object)
+        for j, x in enumerate(items):
+            arr[j] = x
+        np.save(lists_dir / names[key], arr, allow_pickle=True)
