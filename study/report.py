@@ -683,6 +683,12 @@ def _param_axis(ax: plt.Axes, domain: dict[str, list], values: pd.Series) -> np.
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
 
 
+def _planned_trials(ctx: Context) -> str:
+    # the parent's `study.trials` param counts a --num-samples override; the YAML's value does not
+    planned = ctx.parent.get("params.study.trials")
+    return str(planned) if planned is not None and planned == planned else str(ctx.spec.num_samples)
+
+
 def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | None) -> list[str]:
     statuses = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "early-stopped")
     space = "; ".join(f"{k}: {kind} {args}" for k, d in ctx.spec.space.items() for kind, args in d.items())
@@ -690,7 +696,7 @@ def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | No
     notes = [f"Trials: {len(ctx.children)} ({statuses}); early-stopped (tag stopped_early or fewer epochs than "
              f"the longest trial): {counts['early-stopped']}; failed: {counts.get('FAILED', 0)}.",
              f"Ranked by final/{ctx.metric} (the selected checkpoint on test); all metrics in percent as the paper.",
-             f"Searched space: {space}; scheduler: {scheduler}; samples: {ctx.spec.num_samples}.",
+             f"Searched space: {space}; scheduler: {scheduler}; samples: {_planned_trials(ctx)}.",
              *_protocol_notes(ctx)]
     if importance_note:
         notes.append(f"Importances: {importance_note}.")

@@ -109,6 +109,7 @@ def _fill_store(root: Path) -> dict[str, str]:
 
     sexp = c.create_experiment("search_t", artifact_location=(root / "artifacts").as_uri())
     sparent = _parent(c, sexp, "search_t", "search", "FINISHED", now)
+    c.log_param(sparent, "study.trials", 7)  # a --num-samples override: the YAML says 6
     for i, (window, weight, ap) in enumerate(TRIALS):
         _trial(c, sexp, sparent, "search", i, _final(0.9, ap, 0.6, 20.0 + i),
                {"model.window": window, "loss.cts_weight": weight})
@@ -237,7 +238,7 @@ def test_search_report_has_importances_and_plot(store: dict[str, str], tmp_path:
     md = files.md.read_text()
     assert "Parameter importances" in md and "| model.window" in md and "| loss.cts_weight" in md
     assert "FAILED 1" in md and "KILLED 1" in md and "early-stopped" in md
-    assert "FINISHED 4" in md
+    assert "FINISHED 4" in md and "samples: 7." in md
     assert files.plots[0].read_bytes()[:4] == b"\x89PNG"
     assert r"\toprule" in files.tex.read_text()
     runs = _search_runs(store["uri"], monkeypatch, "search_t", store["search_parent"])
