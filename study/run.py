@@ -150,15 +150,16 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     if opts.dry_run:
         print_plan(spec, p)
         return {"dry_run": True, "trials": p["trials"]}
-    uri = opts.tracking_uri or default_tracking_uri(opts.project)
-    check_tracking_uri(uri)
-    storage = opts.storage or str(opts.project / "ray_results")
-    if "://" not in storage and not Path(storage).is_absolute():
-        storage = str((opts.project / storage).resolve())
     state_file = _state_path(opts, spec.name)
     previous = json.loads(state_file.read_text()) if state_file.is_file() else None
     if opts.resume and previous is None:
         raise StudyError(f"--resume: no earlier run of {spec.name} recorded in {state_file}")
+    # a resumed study goes on logging where it started unless told otherwise
+    uri = opts.tracking_uri or (previous["tracking_uri"] if opts.resume else default_tracking_uri(opts.project))
+    check_tracking_uri(uri)
+    storage = opts.storage or str(opts.project / "ray_results")
+    if "://" not in storage and not Path(storage).is_absolute():
+        storage = str((opts.project / storage).resolve())
     base = p["base"]
     data = load_dataset(base)  # once per study: trials share it through Ray's object store
 

@@ -90,8 +90,9 @@ def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parents[2])}
     cmd = [sys.executable, "-m", "study.run", str(spec_path), "--max-epochs", "2", "--seeds", "3",
            "--num-cpus", "1"]
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"sqlite:///{tmp_path / 'studies.db'}"  # not the default: --resume must find it on its own
+    proc = subprocess.Popen([*cmd, "--tracking-uri", uri], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     finished = 0
     while time.time() < deadline and proc.poll() is None:
@@ -117,6 +118,7 @@ def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
     runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
     assert len(runs) == 6 and runs["tags.trial_id"].nunique() == 6
     assert set(runs["status"]) == {"FINISHED"}
+    assert not (tmp_path / "mlruns.db").exists()
 
 
 @pytest.mark.parametrize("name", sorted(specs.available()))
