@@ -2,9 +2,11 @@
 against the straightforward version (the authors' way), in one run; prints both ratios.
 
 Straightforward = the text encoder over all 77 positions, class embeddings re-encoded for every test
-video, one forward per test video, the distance adjacency rebuilt with scipy every forward, every
-sample read from disk every step. Ours = EOT truncation, class embeddings once per pass, chunks of
-many videos batched, a fixed adjacency, features in memory. Both give the same numbers (tests).
+video, one forward per test video, the distance adjacency rebuilt with scipy every forward, local
+attention masked over the full length, every sample read from disk every step. Ours = EOT
+truncation, class embeddings once per pass, chunks of many videos batched, a fixed adjacency,
+non-overlapping windows run as a batch of short sequences, features in memory. Both give the same
+numbers (tests).
 
     python bench/bench_train_eval.py [--preset xd] [--batch 16] [--repeats 3]
 """

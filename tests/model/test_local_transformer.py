@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vadclip.model.local_transformer import TemporalTransformer, additive_mask, local_window
@@ -19,9 +20,11 @@ def test_overlapping_window_is_a_centred_band_of_window_frames():
     assert allowed.sum(1).max() == 4
 
 
-def test_window_mask_blocks_cross_window_attention():
+@pytest.mark.parametrize("windows_as_batch", [False, True])
+def test_window_mask_blocks_cross_window_attention(windows_as_batch):
     torch.manual_seed(0)
     tf = TemporalTransformer(16, layers=2, heads=1, mlp_ratio=4, length=12, window=4).eval()
+    tf.windows_as_batch = windows_as_batch
     x = torch.randn(1, 12, 16)
     y = x.clone()
     y[:, 4:8] += torch.randn(1, 4, 16)  # change only the second window
@@ -32,3 +35,22 @@ def test_window_mask_blocks_cross_window_attention():
     glob = TemporalTransformer(16, layers=1, heads=1, mlp_ratio=4, length=12, window=None).eval()
     with torch.no_grad():
         assert not torch.allclose(glob(x)[:, :4], glob(y)[:, :4])  # the global TF mixes everything
+
+
+@pytest.mark.parametrize("length", [12, 10])  # 10: not a multiple of the window, the masked path runs
+def test_windows_as_batch_equals_masked_attention(length):
+    torch.manual_seed(0)
+    tf = TemporalTransformer(16, layers=2, heads=2, mlp_ratio=4, length=12, window=4)
+    x = torch.randn(3, length, 16, requires_grad=True)
+    outs, grads = [], []
+    for windows_as_batch in (False, True):
+        tf.windows_as_batch = windows_as_batch
+        tf.zero_grad()
+        x.grad = None
+        out = tf(x)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in tf.parameters())])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

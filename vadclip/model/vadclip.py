@@ -58,7 +58,10 @@ class VadCLIP(nn.Module):
 
     def set_straightforward(self, on: bool = True) -> None:
         """Switch off the exact speed-ups (for the bench and the equality tests): full 77-token text
-        encoder, no cached class embeddings, the scipy distance adjacency rebuilt every forward."""
+        encoder, no cached class embeddings, the scipy distance adjacency rebuilt every forward, local
+        attention as a masked full-length attention."""
+        if self.temporal.local is not None:
+            self.temporal.local.windows_as_batch = not on
         if self.prompt is not None:
             self.prompt.encoder.truncate = not on
             if isinstance(self.prompt, HandcraftedPrompt):
