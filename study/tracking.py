@@ -151,8 +151,13 @@ class TrialRun:
         self.uri, self.c = uri, client(uri)
         existing = retry(self.c.search_runs, [experiment_id],
                          filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id = '{trial_id}'")
+        self.tags: dict[str, str] = {}  # the run's tags when it already existed (a retried or resumed trial)
+        self.final_logged = False
         if existing:
             self.run_id = existing[0].info.run_id
+            self.tags = dict(existing[0].data.tags)
+            # a trial that ended just before its driver died is run again from its last checkpoint on --resume
+            self.final_logged = any(k.startswith("final/") for k in existing[0].data.metrics)
             reopen(uri, self.run_id)
             self.resumed = True
         else:
@@ -186,9 +191,13 @@ class TrialRun:
             self.log_epoch(int(record["epoch"]), {k: v for k, v in record.items() if k != "epoch"})
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:
+        """The trial's final metrics, once: a trial run again after it ended does not log them twice."""
+        if self.final_logged:
+            return
         now = int(time.time() * 1000)
         items = [Metric(f"final/{metric_key(k)}", float(v), now, step) for k, v in metrics.items() if v == v]
         retry(self.c.log_batch, self.run_id, metrics=items)
+        self.final_logged = True
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         log_artifacts(self.uri, self.run_id, [path], folder)

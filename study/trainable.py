@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
 from study.plots import score_curves
 from study.spec import apply_trial
 from study.tracking import TrialRun, metric_key
-from vadclip.config import flatten, from_flat
+from vadclip.config import apply_overrides, flatten, from_flat
 from vadclip.data import VadDataset
 from vadclip.evaluate import branch_scores
 from vadclip.train import CHECKPOINT_LAST, EpochRecord, fit, load_checkpoint
@@ -46,21 +48,43 @@ def trial_config(params: dict[str, Any], ctx: TrialContext):
     return apply_trial(from_flat(ctx.base), overrides), variant
 
 
+def trial_device(requested: str, gpu_ids: Sequence[str | int], cuda_available: bool) -> str:
+    """The device of a trial: `auto` means the GPU Ray assigned to it, or the CPU when it was assigned none.
+
+    Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs (so `cuda` is the assigned one), but leaves it untouched
+    for a task with no GPU: a `gpu: 0` trial would then see every GPU of the node and `auto` would take one.
+    An explicit device (cpu, cuda[:N]) is used as given.
+    """
+    if requested != "auto":
+        return requested
+    return "cuda" if gpu_ids and cuda_available else "cpu"
+
+
 def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     cfg, variant = trial_config(params, ctx)
     trial_id = tune.get_context().get_trial_id()
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+    device = trial_device(cfg.device, gpu_ids, torch.cuda.is_available())
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
                    run_name=f"{variant}-s{cfg.seed}-{trial_id}",
                    tags={**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
                          "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
                          "map_protocol": cfg.eval.map_protocol})
     run.log_params(flatten(cfg))
+    node = ray.get_runtime_context().get_node_id()
+    history = run.tags.get("ray.nodes")  # every attempt of the trial appends the node it runs on
+    placement = {"ray.node_id": node, "ray.nodes": f"{history},{node}" if history else node,
+                 "ray.gpu_ids": ",".join(gpu_ids), "device": device}
+    cfg = apply_overrides(cfg, {"device": device})
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         resume = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="vadclip-restore-")))
-        run.backfill(load_checkpoint(resume / CHECKPOINT_LAST)["history"])
+        restored = load_checkpoint(resume / CHECKPOINT_LAST)
+        placement["restored_from_epoch"] = str(restored["epoch"])
+        run.backfill(restored["history"])
+    run.set_tags(placement)
     out_dir = Path(tempfile.mkdtemp(prefix="vadclip-trial-"))
     reporting = False  # Tune stops a trial (scheduler decision) by raising inside tune.report
 
