@@ -5,10 +5,11 @@ Straightforward = the text encoder over all 77 positions, class embeddings re-en
 video, one forward per test video, the distance adjacency rebuilt with scipy every forward, local
 attention masked over the full length, every sample read from disk every step. Ours = EOT
 truncation, class embeddings once per pass, chunks of many videos batched, a fixed adjacency,
-non-overlapping windows run as a batch of short sequences, features in memory. Both give the same
+non-overlapping windows run as a batch of short sequences (windows of pure padding once per
+slot), features in memory. Fast and slow alternate, best of --repeats each. Both give the same
 numbers (tests).
 
-    python bench/bench_train_eval.py [--preset xd] [--batch 16] [--repeats 3]
+    python bench/bench_train_eval.py [--preset xd] [--batch 16] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ from vadclip.losses import total_loss
 from vadclip.train import make_model
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_best(fast, slow, repeats: int) -> tuple[float, float]:
+    """Best of `repeats` for each, alternating fast and slow so that drift in the machine's speed
+    (shared CPUs) hits both alike; one warm-up each."""
+    fast(), slow()
+    times: dict[str, list[float]] = {"fast": [], "slow": []}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in (("fast", fast), ("slow", slow)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return min(times["fast"]), min(times["slow"])
 
 
 def main() -> None:
@@ -43,7 +47,7 @@ def main() -> None:
     p.add_argument("--preset", default="xd", help="model settings of this preset (ViT-B-16 text tower, d=512)")
     p.add_argument("--batch", type=int, default=16, help="training samples per step")
     p.add_argument("--test-videos", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -71,12 +75,16 @@ def main() -> None:
     def evaluate(data, batched: bool) -> None:
         predict(model, data.test, length, "cpu", batched=batched)
 
-    model.set_straightforward(False)
-    train_fast = best_of(lambda: step(fast_data), args.repeats)
-    eval_fast = best_of(lambda: evaluate(fast_data, True), args.repeats)
-    model.set_straightforward(True)
-    train_slow = best_of(lambda: step(slow_data), args.repeats)
-    eval_slow = best_of(lambda: evaluate(slow_data, False), args.repeats)
+    def switched(fn, straightforward: bool):
+        def run() -> None:
+            model.set_straightforward(straightforward)
+            fn()
+        return run
+
+    train_fast, train_slow = interleaved_best(switched(lambda: step(fast_data), False),
+                                              switched(lambda: step(slow_data), True), args.repeats)
+    eval_fast, eval_slow = interleaved_best(switched(lambda: evaluate(fast_data, True), False),
+                                            switched(lambda: evaluate(slow_data, False), True), args.repeats)
     print(f"preset {args.preset}: CLIP {fast_cfg.clip.model} text tower, d={fast_cfg.model.embed_dim}, "
           f"L={length}, {len(fast_data.class_prompts)} classes, batch {args.batch}, "
           f"{len(fast_data.test)} test videos, {torch.get_num_threads()} threads")

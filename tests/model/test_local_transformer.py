@@ -54,3 +54,31 @@ def test_windows_as_batch_equals_masked_attention(length):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_blank_windows_are_shared_exactly():
+    """Windows of pure padding run once per slot; outputs and the gradients of everything learnable
+    (the position embedding, the blocks) equal the masked attention. (The input features get no
+    gradient in training; a shared window passes its summed gradient to one of its copies.)"""
+    torch.manual_seed(0)
+    tf = TemporalTransformer(16, layers=2, heads=1, mlp_ratio=4, length=16, window=4)
+    pos = (torch.randn(16, 16) * 0.1).requires_grad_(True)
+    raw = torch.randn(4, 16, 16)
+    for i, n in enumerate([16, 9, 3, 0]):  # windows: none, 1, 3 and 4 of them pure padding
+        raw[i, n:] = 0
+    blank = (raw == 0).all(-1)
+    assert blank.reshape(-1, 4).all(-1).sum() == 8
+    outs, grads = [], []
+    for windows_as_batch in (False, True):
+        tf.windows_as_batch = windows_as_batch
+        tf.zero_grad()
+        pos.grad = None
+        out = tf(raw + pos, blank)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        outs.append(out.detach())
+        grads.append([pos.grad.clone(), *(p.grad.clone() for p in tf.parameters())])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the blank slots really were shared: same output in every sample that has them
+    torch.testing.assert_close(outs[1][2, 12:], outs[1][3, 12:])

@@ -34,10 +34,11 @@ class TemporalAdapter(nn.Module):
         self.fc = nn.Linear(d, d)  # "after temporal modeling, X_g is fed into an FC layer"
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        blank = (x == 0).all(dim=-1) if self.local is not None else None  # padding, for the local module
         if self.position is not None:
             x = self.position(x)
         if self.local is not None:
-            x = self.local(x)
+            x = self.local(x, blank)
         if self.global_tf is not None:
             x = self.global_tf(x)
         if self.gcn is not None:

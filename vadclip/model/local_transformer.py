@@ -41,20 +41,47 @@ class TemporalTransformer(nn.Module):
         self.block_window = window if window is not None and not overlap else None
         self.windows_as_batch = True  # False = the authors' masked full-length attention (bench, tests)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, blank_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, d). `blank_frames` (B, L) bool: frames whose input was all zeros (padding) before
+        the position embedding; windows made only of them are computed once per window slot."""
         b, length, d = x.shape
         w = self.block_window
         if self.windows_as_batch and w is not None and length % w == 0:
             # Exact: with block-diagonal attention and position-wise LN/MLP, every layer keeps each
             # window to itself, so the windows run as a batch of short sequences without a mask.
-            x = x.reshape(b * length // w, w, d)
-            for block in self.blocks:
-                x = block(x)
-            return x.reshape(b, length, d)
+            windows = x.reshape(b * length // w, w, d)
+            if blank_frames is None:
+                out = self._run(windows)
+            else:
+                out = self._run_sharing_blank_windows(windows, blank_frames.reshape(-1, w).all(-1), length // w)
+            return out.reshape(b, length, d)
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
+        return self._run(x, mask)
+
+    def _run(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, attn_mask=mask)
+            x = block(x, attn_mask=attn_mask)
         return x
+
+    def _run_sharing_blank_windows(self, windows: torch.Tensor, blank: torch.Tensor, slots: int) -> torch.Tensor:
+        """windows (B*slots, w, d), sample-major; blank (B*slots,) bool.
+
+        Exact: a window of padding holds the same input (zeros + the position embedding of its
+        slot) in every sample and, without a key-padding mask (code), gives the same output; so each
+        slot runs once and is shared (under autograd too: the shared window's gradients add up)."""
+        if not bool(blank.any()):
+            return self._run(windows)
+        slot = torch.arange(len(windows), device=windows.device) % slots
+        kept = (~blank).nonzero().flatten()
+        blank_slots = slot[blank].unique()  # sorted
+        first_blank = torch.full((slots,), len(windows), device=windows.device)
+        first_blank = first_blank.scatter_reduce(0, slot[blank], blank.nonzero().flatten(), "amin")
+        out = self._run(windows[torch.cat([kept, first_blank[blank_slots]])])
+        # Row of `out` for every window: kept ones in order, then one per blank slot.
+        row_of_slot = torch.zeros(slots, dtype=torch.long, device=windows.device)
+        row_of_slot[blank_slots] = len(kept) + torch.arange(len(blank_slots), device=windows.device)
+        source = torch.where(blank, row_of_slot[slot], torch.cumsum(~blank, 0) - 1)
+        return out[source]
 
 
 class FramePositionEmbedding(nn.Module):
