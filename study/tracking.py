@@ -204,6 +204,13 @@ class TrialRun:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         retry(self.c.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def delete_tag(self, key: str) -> None:
+        """Remove a tag an earlier attempt set (no-op when absent)."""
+        if key in self.tags:
+            retry(self.c.delete_tag, self.run_id, key)
+            del self.tags[key]
 
     def end(self, status: str) -> None:
         retry(self.c.set_terminated, self.run_id, status)

@@ -84,6 +84,8 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         restored = load_checkpoint(resume / CHECKPOINT_LAST)
         placement["restored_from_epoch"] = str(restored["epoch"])
         run.backfill(restored["history"])
+    else:
+        run.delete_tag("restored_from_epoch")  # an earlier attempt's; this one starts from scratch
     run.set_tags(placement)
     out_dir = Path(tempfile.mkdtemp(prefix="vadclip-trial-"))
     reporting = False  # Tune stops a trial (scheduler decision) by raising inside tune.report
