@@ -82,3 +82,26 @@ def test_blank_windows_are_shared_exactly():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # the blank slots really were shared: same output in every sample that has them
     torch.testing.assert_close(outs[1][2, 12:], outs[1][3, 12:])
+
+
+def test_shared_blank_windows_give_the_same_gradients_every_run():
+    """Many samples share each blank slot; their gradients must add up in a fixed order (an
+    atomic scatter on 2+ CPU threads made training differ from run to run)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tf = TemporalTransformer(256, layers=1, heads=1, mlp_ratio=4, length=64, window=4)
+        raw = torch.randn(96, 64, 256)
+        raw[:, 4:] = 0  # 15 blank windows in each of 96 samples: 96 copies per blank slot
+        blank = (raw == 0).all(-1)
+        weight = torch.randn(96, 64, 256)
+        grads = []
+        for _ in range(6):
+            tf.zero_grad()
+            (tf(raw, blank) * weight).sum().backward()
+            grads.append([p.grad.clone() for p in tf.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))

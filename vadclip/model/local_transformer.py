@@ -81,7 +81,9 @@ class TemporalTransformer(nn.Module):
         row_of_slot = torch.zeros(slots, dtype=torch.long, device=windows.device)
         row_of_slot[blank_slots] = len(kept) + torch.arange(len(blank_slots), device=windows.device)
         source = torch.where(blank, row_of_slot[slot], torch.cumsum(~blank, 0) - 1)
-        return out[source]
+        # index_select, not out[source]: the latter's backward (index_put_ accumulate) adds the
+        # repeated rows with atomics on CPU, so the sum order and the result vary between runs.
+        return out.index_select(0, source)
 
 
 class FramePositionEmbedding(nn.Module):
