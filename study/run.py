@@ -14,6 +14,10 @@ from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# CheckpointConfig(num_to_keep=1) makes Tune snapshot the experiment state after every trial
+# checkpoint (so a resume never points at a deleted one): by design here, so its "snapshotting
+# triggered multiple times" warning (100+ lines per study) is off. Slow snapshots still warn.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 from study import spec as specs  # noqa: E402
 from study.tracking import (  # noqa: E402
