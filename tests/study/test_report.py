@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
 import pytest
 import yaml
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from scipy import stats
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from scipy import stats  # noqa: E402
-from sqlalchemy import event  # noqa: E402
-from sqlalchemy.engine import Engine  # noqa: E402
-
-from study import report  # noqa: E402
-from study.spec import parse  # noqa: E402
+from study import report
+from study.spec import parse
 
 ABLATION = {
     "name": "ablation_t", "kind": "ablation", "description": "Test ablation (LGT rows)", "metric": "ap",

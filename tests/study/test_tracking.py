@@ -3,11 +3,7 @@ or missing epochs, final metrics once, tags of an earlier attempt removable."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-from study.tracking import TrialRun, client, ensure_experiment, start_parent  # noqa: E402
+from study.tracking import TrialRun, client, ensure_experiment, start_parent
 
 
 def test_attempts_of_a_trial_share_one_run_without_gaps_or_duplicates(tmp_path):
