@@ -71,16 +71,14 @@ class TemporalTransformer(nn.Module):
         slot runs once and is shared (under autograd too: the shared window's gradients add up)."""
         if not bool(blank.any()):
             return self._run(windows)
-        slot = torch.arange(len(windows), device=windows.device) % slots
-        kept = (~blank).nonzero().flatten()
-        blank_slots = slot[blank].unique()  # sorted
-        first_blank = torch.full((slots,), len(windows), device=windows.device)
-        first_blank = first_blank.scatter_reduce(0, slot[blank], blank.nonzero().flatten(), "amin")
-        out = self._run(windows[torch.cat([kept, first_blank[blank_slots]])])
+        kept, blank_index = (~blank).nonzero().flatten(), blank.nonzero().flatten()
+        # shared[i]: which of the distinct blank slots the i-th blank window is in
+        blank_slots, shared = (blank_index % slots).unique(return_inverse=True)
+        first = torch.full_like(blank_slots, len(windows)).scatter_reduce(0, shared, blank_index, "amin")
+        out = self._run(windows.index_select(0, torch.cat([kept, first])))
         # Row of `out` for every window: kept ones in order, then one per blank slot.
-        row_of_slot = torch.zeros(slots, dtype=torch.long, device=windows.device)
-        row_of_slot[blank_slots] = len(kept) + torch.arange(len(blank_slots), device=windows.device)
-        source = torch.where(blank, row_of_slot[slot], torch.cumsum(~blank, 0) - 1)
+        source = torch.cumsum(~blank, 0) - 1
+        source[blank_index] = len(kept) + shared
         # index_select, not out[source]: the latter's backward (index_put_ accumulate) adds the
         # repeated rows with atomics on CPU, so the sum order and the result vary between runs.
         return out.index_select(0, source)
