@@ -14,7 +14,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -23,35 +22,35 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import pandas as pd
+from matplotlib.patches import Patch
+from mlflow.tracking import MlflowClient
+from scipy import stats
 
-import matplotlib  # noqa: E402
+from study.space import Domain
+from study.spec import StudySpec, load
+from study.tracking import PARENT, TRIAL, default_tracking_uri
+from study.tracking import client as tracking_client
+from vadclip.errors import VadClipError
+from vadclip.io import write_atomically
+from vadclip.metrics import CORE_METRICS as CORE
+from vadclip.metrics import label as _label
+from vadclip.metrics import percent_scale as _scale
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from study.spec import SpecError, StudySpec, load  # noqa: E402
-from study.tracking import PARENT, TRIAL, default_tracking_uri  # noqa: E402
-from study.tracking import client as tracking_client  # noqa: E402
-
-PROJECT = Path(__file__).resolve().parent.parent
-CORE = ("auc", "ap", "ano_auc", "map_avg")
-LABELS = {"auc": "AUC", "ap": "AP", "ano_auc": "AnoAUC", "map_avg": "mAP AVG"}
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
 TOP_K = 5
 FINAL = "metrics.final/"
-ALIVE = ("FINISHED", "RUNNING")  # parents a report may describe
+FINAL_VAL = "metrics.final/val/"  # the validation metrics of the selected checkpoint
+SYNTHETIC_NOTE = "synthetic data: the paper's values are for the real dataset, shown for orientation only"
 
 
-class ReportError(RuntimeError):
+class ReportError(VadClipError, RuntimeError):
     """Nothing to report (no experiment, no parent run, no finished trial); the message says what is missing."""
 
 
@@ -64,6 +63,7 @@ class ReportFiles:
     table: pd.DataFrame  # ablation: one row per variant (fractions); search: one row per finished trial
     text: str = ""  # the main markdown table, for the console
     notes: list[str] = field(default_factory=list)
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> metric -> mean, for the parent
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,15 @@ def _parent(client: MlflowClient, experiment_id: str, name: str, parent_run_id: 
         if match.empty:
             raise ReportError(f"run {parent_run_id} is not a parent run (vadclip.role={PARENT}) of study {name!r}")
         return match.iloc[0]
-    alive = parents[parents["status"].isin(ALIVE)]
-    if alive.empty:
-        raise ReportError(f"study {name!r} has no FINISHED or RUNNING parent run (vadclip.role={PARENT}); "
-                          f"{len(parents)} parent run(s) in other states")
-    return alive.sort_values("start_time", ascending=False).iloc[0]
+    # the newest invocation with results: one that failed at its start or was interrupted before any trial
+    # finished has nothing to show
+    for _, parent in parents.sort_values("start_time", ascending=False).iterrows():
+        runs = _runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent['run_id']}' and "
+                                            "attributes.status = 'FINISHED'")
+        if not runs.empty:
+            return parent
+    raise ReportError(f"study {name!r} has no parent run (vadclip.role={PARENT}) with a FINISHED trial; "
+                      f"{len(parents)} parent run(s) without results")
 
 
 def _children(client: MlflowClient, experiment_id: str, parent: pd.Series, name: str) -> pd.DataFrame:
@@ -178,16 +182,6 @@ def _context(spec: StudySpec, uri: str, parent_run_id: str | None) -> Context:
 # ---------------------------------------------------------------- numbers and text
 
 
-def is_fraction(metric: str) -> bool:
-    """auc/ap/ano_auc (also per branch: c_auc, a_ap) are logged as fractions; mAP is already percent."""
-    base = metric[2:] if metric[:2] in ("c_", "a_") else metric
-    return base in ("auc", "ap", "ano_auc")
-
-
-def _scale(metric: str) -> float:
-    return 100.0 if is_fraction(metric) else 1.0
-
-
 def _finite(x: Any) -> bool:
     return x is not None and isinstance(x, (int, float, np.number)) and math.isfinite(float(x))
 
@@ -202,17 +196,9 @@ def _pvalue(p: Any) -> str:
     return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
 
 
-def _label(metric: str) -> str:
-    if metric in LABELS:
-        return LABELS[metric]
-    if metric.startswith("map_iou"):
-        return f"mAP@{metric[len('map_iou'):]}"
-    return metric
-
-
 def final_metrics(runs: pd.DataFrame) -> list[str]:
     """The `final/*` metric names present, core ones first (paper order), then mAP levels, then the rest."""
-    names = [c[len(FINAL):] for c in runs.columns if c.startswith(FINAL)]
+    names = [c[len(FINAL):] for c in runs.columns if c.startswith(FINAL) and "/" not in c[len(FINAL):]]
     levels = sorted(n for n in names if n.startswith("map_iou"))
     rest = sorted(n for n in names if n not in CORE and n not in levels)
     return [m for m in CORE if m in names] + levels + rest
@@ -316,12 +302,27 @@ def _protocol_notes(ctx: Context) -> list[str]:
 
 
 def _provenance(ctx: Context) -> str:
-    running = ctx.parent["status"] == "RUNNING" and (ctx.children["status"] == "RUNNING").any()
-    partial = " (still RUNNING: partial results)" if running else ""
+    status = str(ctx.parent["status"])
+    partial = f" ({status}: partial results)" if status != "FINISHED" else ""
     code = _tag(ctx.parent, "code_version") or "unknown"
     started = _date(ctx.parent.get("start_time"))
-    return (f"MLflow {ctx.uri}, experiment {ctx.spec.name}, parent run {ctx.parent_id}{partial} started {started}, "
-            f"code version {code}; report generated {ctx.date}.")
+    return (f"MLflow {display_uri(ctx.uri)}, experiment {ctx.spec.name}, parent run {ctx.parent_id}{partial} "
+            f"started {started}, code version {code}; report generated {ctx.date}.")
+
+
+def display_uri(uri: str) -> str:
+    """A SQLite store inside the current folder as a relative URI: reports carry no machine path."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            return f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve())}"
+        except ValueError:
+            return uri
+    return uri
+
+
+def _paper_note(ctx: Context) -> list[str]:
+    return [SYNTHETIC_NOTE + "."] if ctx.dataset == "synthetic" else []
 
 
 def _date(millis: Any) -> str:
@@ -443,7 +444,9 @@ def ablation_notes(ctx: Context, table: pd.DataFrame) -> list[str]:
         "Mean ± sample std (ddof=1) over seeds of FINISHED trials, all in percent as the paper (AUC/AP/AnoAUC are "
         "logged as fractions); best mean per metric in bold; n = finished trials of the row.",
         *_protocol_notes(ctx),
-        f"Seeds: {ctx.spec.seeds} per variant in the spec; {len(seeds)} seen ({', '.join(map(str, seeds))}).",
+        *_paper_note(ctx),
+        f"Seeds: {_planned(ctx, 'study.seeds', ctx.spec.seeds)} per variant planned; {len(seeds)} seen "
+        f"({', '.join(map(str, seeds))}).",
         f"Paired comparison against the full model {ctx.spec.full!r}: two-sided scipy.stats.ttest_rel of {label} "
         f"over seeds matched by the seed tag; Δ = row - full in points; p '-' with fewer than 2 pairs or zero "
         "variance.",
@@ -510,48 +513,20 @@ def _tex_file(body: str, ctx: Context) -> str:
 # ---------------------------------------------------------------- searches
 
 
-def distribution(domain: dict[str, list]) -> optuna.distributions.BaseDistribution:
-    """Optuna's twin of a spec domain (Tune's randint excludes its upper bound, Optuna's includes it)."""
-    (kind, args), = domain.items()
-    if kind == "choice":
-        return optuna.distributions.CategoricalDistribution(tuple(args))
-    low, high = args[0], args[1]
-    if kind == "randint":
-        return optuna.distributions.IntDistribution(int(low), int(high) - 1)
-    if kind == "quniform":
-        return optuna.distributions.FloatDistribution(float(low), float(high), step=float(args[2]))
-    return optuna.distributions.FloatDistribution(float(low), float(high), log=kind == "loguniform")
-
-
-def param_value(raw: Any, domain: dict[str, list]) -> Any:
-    """An MLflow param string back to the domain's type (choice values by their str, as MLflow stored them)."""
-    (kind, args), = domain.items()
-    if kind == "choice":
-        for choice in args:
-            if str(choice) == str(raw):
-                return choice
-        for choice in args:  # `16` logged as `16.0` by a float-typed path
-            if isinstance(choice, (int, float)) and not isinstance(choice, bool) and _float_eq(raw, choice):
-                return choice
-        raise ValueError(f"{raw!r} is not one of {args}")
-    value = float(raw)
-    return int(round(value)) if kind == "randint" else value
-
-
-def _float_eq(raw: Any, value: float) -> bool:
-    try:
-        return math.isclose(float(raw), float(value))
-    except (TypeError, ValueError):
-        return False
+def rank_column(ctx: Context) -> str:
+    """What a search is ranked by: the metric it optimised, i.e. the selected checkpoint's validation metric
+    (`val_<metric>`) under `eval.selection=val`; the test metric under the authors' `selection=test`."""
+    if _tag(ctx.parent, "selection", "val") == "val" and FINAL_VAL + ctx.metric in ctx.finished:
+        return f"val_{ctx.metric}"
+    return ctx.metric
 
 
 def search_table(ctx: Context) -> pd.DataFrame:
-    """One row per FINISHED trial with the final metric: its searched params (typed) and final metrics."""
-    main = FINAL + ctx.metric
+    """One row per FINISHED trial, best first by `rank_column`: searched params (typed), final test metrics
+    and the selected checkpoint's validation metric."""
     runs = ctx.finished
-    if main not in runs or runs[main].isna().all():
+    if FINAL + ctx.metric not in runs or runs[FINAL + ctx.metric].isna().all():
         raise ReportError(f"no FINISHED trial of parent run {ctx.parent_id} logged final/{ctx.metric}")
-    runs = runs.dropna(subset=[main]).sort_values(main, ascending=False, kind="stable")
     index = runs.get("tags.trial_id", runs["run_id"]).fillna(runs["run_id"])
     table = pd.DataFrame({"run_id": runs["run_id"].to_numpy()}, index=pd.Index(index.to_numpy(), name="trial"))
     for key, domain in ctx.spec.space.items():
@@ -559,15 +534,18 @@ def search_table(ctx: Context) -> pd.DataFrame:
         table[key] = [_safe_value(v, domain) for v in raw]
     for m in final_metrics(runs):
         table[m] = runs[FINAL + m].to_numpy()
+    if FINAL_VAL + ctx.metric in runs:
+        table[f"val_{ctx.metric}"] = runs[FINAL_VAL + ctx.metric].to_numpy()
     table["epochs"] = runs["metrics.epoch"].to_numpy() if "metrics.epoch" in runs else math.nan
-    return table
+    rank = rank_column(ctx)
+    return table.dropna(subset=[rank]).sort_values(rank, ascending=False, kind="stable")
 
 
-def _safe_value(raw: Any, domain: dict[str, list]) -> Any:
+def _safe_value(raw: Any, domain: Domain) -> Any:
     if raw is None or raw != raw:
         return None
     try:
-        return param_value(raw, domain)
+        return domain.value(raw)
     except ValueError:
         return raw  # kept as logged; the importance step skips it
 
@@ -590,11 +568,11 @@ def param_importances(spec: StudySpec, table: pd.DataFrame, metric: str) -> tupl
     keys = list(spec.space)
     if len(keys) == 1:
         return {}, f"a single searched parameter ({keys[0]}): its importance is 1 by definition"
-    dists = {k: distribution(spec.space[k]) for k in keys}
+    dists = {k: spec.space[k].optuna() for k in keys}
     trials, skipped = [], 0
     for record in table[[*keys, metric]].to_dict("records"):
         try:
-            params = {k: param_value(record[k], spec.space[k]) for k in keys}
+            params = {k: spec.space[k].value(record[k]) for k in keys}
             trials.append(optuna.trial.create_trial(params=params, distributions=dists, value=float(record[metric])))
         except (ValueError, TypeError):  # a param missing or outside the spec's space (spec edited since)
             skipped += 1
@@ -624,13 +602,16 @@ def _param_text(value: Any) -> str:
 
 
 def search_grid(ctx: Context, table: pd.DataFrame) -> Grid:
-    main = ctx.metric
+    main, rank = ctx.metric, rank_column(ctx)
     others = [m for m in CORE if m != main and m in table]
-    headers = ["Trial", *ctx.spec.space, f"{_label(main)} (final)", *[_label(m) for m in others], "best epoch",
-               "epochs"]
+    ranked = [rank] if rank != main else []
+    headers = ["Trial", *ctx.spec.space, *[f"{_label(main)} (val, ranked)" for _ in ranked],
+               f"{_label(main)} (test)" + ("" if ranked else ", ranked"), *[_label(m) for m in others],
+               "best epoch", "epochs"]
     grid = Grid(headers, [])
     for trial, row in table.head(TOP_K).iterrows():
         cells = [str(trial), *[_param_text(row[k]) for k in ctx.spec.space]]
+        cells += [_num(row[rank] * _scale(main)) for rank in ranked]
         cells += [_num(row[m] * _scale(m)) for m in (main, *others)]
         cells += [_num(row.get("best_epoch"), 0), _num(row.get("epochs"), 0)]
         grid.rows.append(cells)
@@ -645,17 +626,18 @@ def importance_grid(importances: dict[str, float]) -> Grid:
 
 def search_plot(ctx: Context, table: pd.DataFrame) -> bytes:
     """The final metric against each searched parameter, one panel each (log x for loguniform); best = star."""
-    keys, main, scale = list(ctx.spec.space), ctx.metric, _scale(ctx.metric)
+    keys, main, scale = list(ctx.spec.space), rank_column(ctx), _scale(ctx.metric)
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False)
     y = table[main].to_numpy(dtype=float) * scale
     for ax, key in zip(axes.flat, keys):
-        x = _param_axis(ax, ctx.spec.space[key], table[key])
+        x = ctx.spec.space[key].axis(ax, table[key])
         ax.scatter(x, y, color="tab:blue", alpha=0.8)
         ax.scatter(x[:1], y[:1], color="tab:red", marker="*", s=120, zorder=3, label="best")  # table is sorted
         ax.set_xlabel(key)
-        ax.set_ylabel(f"final {_label(main)}" + (" (%)" if scale == 100 else ""))
+        ax.set_ylabel(f"{'validation' if main != ctx.metric else 'test'} {_label(ctx.metric)}"
+                      + (" (%)" if scale == 100 else ""))
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     axes[0, 0].legend(loc="best", fontsize=8)
@@ -664,39 +646,29 @@ def search_plot(ctx: Context, table: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def _param_axis(ax: plt.Axes, domain: dict[str, list], values: pd.Series) -> np.ndarray:
-    """x positions of a parameter's values; the axis spans the searched domain."""
-    (kind, args), = domain.items()
-    if kind == "choice":  # categorical: one x position per choice, in the spec's order
-        position = {str(c): i for i, c in enumerate(args)}
-        ax.set_xticks(range(len(args)), [str(c) for c in args], fontsize=8)
-        ax.set_xlim(-0.5, len(args) - 0.5)
-        return np.array([position.get(str(v), math.nan) for v in values], dtype=float)
-    low, high = float(args[0]), float(args[1])
-    if kind == "loguniform":
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short log ranges
-        ax.set_xlim(low / 1.2, high * 1.2)
-    else:
-        pad = 0.05 * (high - low)
-        ax.set_xlim(low - pad, high + pad)
-    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+def _planned(ctx: Context, param: str, default: Any) -> str:
+    """The invocation's value (the parent's `study.trials`/`study.seeds` params count --num-samples/--seeds
+    overrides; the YAML's value does not)."""
+    planned = ctx.parent.get(f"params.{param}")
+    return str(planned) if planned is not None and planned == planned else str(default)
 
 
-def _planned_trials(ctx: Context) -> str:
-    # the parent's `study.trials` param counts a --num-samples override; the YAML's value does not
-    planned = ctx.parent.get("params.study.trials")
-    return str(planned) if planned is not None and planned == planned else str(ctx.spec.num_samples)
+def _rank_text(ctx: Context) -> str:
+    if rank_column(ctx) != ctx.metric:
+        return f"the validation {_label(ctx.metric)} of each trial's selected checkpoint (what the search optimised)"
+    return f"the test {_label(ctx.metric)} of the selected checkpoint (selection on test: the authors' protocol)"
 
 
 def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | None) -> list[str]:
     statuses = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "early-stopped")
-    space = "; ".join(f"{k}: {kind} {args}" for k, d in ctx.spec.space.items() for kind, args in d.items())
+    space = "; ".join(f"{k}: {d.describe()}" for k, d in ctx.spec.space.items())
     scheduler = ", ".join(f"{k}={v}" for k, v in ctx.spec.scheduler.items())
     notes = [f"Trials: {len(ctx.children)} ({statuses}); early-stopped (tag stopped_early or fewer epochs than "
              f"the longest trial): {counts['early-stopped']}; failed: {counts.get('FAILED', 0)}.",
-             f"Ranked by final/{ctx.metric} (the selected checkpoint on test); all metrics in percent as the paper.",
-             f"Searched space: {space}; scheduler: {scheduler}; samples: {_planned_trials(ctx)}.",
+             f"Ranked by {_rank_text(ctx)}; test metrics of the selected checkpoint beside it; all metrics in "
+             "percent as the paper.",
+             f"Searched space: {space}; scheduler: {scheduler}; "
+             f"samples: {_planned(ctx, 'study.trials', ctx.spec.num_samples)}.",
              *_protocol_notes(ctx)]
     if importance_note:
         notes.append(f"Importances: {importance_note}.")
@@ -708,7 +680,7 @@ def _search(ctx: Context, out_dir: Path) -> tuple[dict[Path, bytes], ReportFiles
     spec = ctx.spec
     table = search_table(ctx)
     counts = status_counts(ctx.children)
-    importances, importance_note = param_importances(spec, table, ctx.metric)
+    importances, importance_note = param_importances(spec, table, rank_column(ctx))
     notes = search_notes(ctx, counts, importance_note)
     grid = search_grid(ctx, table)
     text = to_markdown(grid)
@@ -732,44 +704,41 @@ def _search(ctx: Context, out_dir: Path) -> tuple[dict[Path, bytes], ReportFiles
 # ---------------------------------------------------------------- writing and CLI
 
 
-def write_atomically(contents: dict[Path, bytes]) -> None:
-    """All files to temporary names first, then renamed: a failure leaves no partial report."""
-    temps: dict[Path, Path] = {}
-    try:
-        for path, data in contents.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps[path] = Path(tmp)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-    except BaseException:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for path, tmp in temps.items():
-        os.replace(tmp, path)
-
-
 def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> ReportFiles:
     """Read the study's runs from MLflow, compute the report in memory, then write md/tex/csv/png to out_dir."""
     ctx = _context(spec, tracking_uri, parent_run_id)
     out_dir = Path(out_dir)
     contents, files = (_ablation if spec.kind == "ablation" else _search)(ctx, out_dir)
+    files.summary = _summary(spec, files.table)
     write_atomically(contents)
     return files
+
+
+def _summary(spec: StudySpec, table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per ablation row the mean of each core metric; for a search the best trial's metrics (fractions as
+    logged): what the parent run shows in MLflow's chart view."""
+    if spec.kind == "ablation":
+        return {str(v): {m: float(row[f"{m}_mean"]) for m in CORE if _finite(row.get(f"{m}_mean"))}
+                for v, row in table.iterrows()}
+    if table.empty:
+        return {}
+    best = table.iloc[0]
+    return {"best": {m: float(best[m]) for m in (*CORE, *[c for c in table if c.startswith("val_")])
+                     if m in table and _finite(best[m])}}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.splitlines()[0])
     parser.add_argument("name", help="study name (search_spaces/NAME.yaml) or a spec path")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI")
-                        or default_tracking_uri(PROJECT), help="MLflow tracking URI (default: %(default)s)")
-    parser.add_argument("--parent", default=None, help="parent run id (default: the latest finished or running)")
+                        or default_tracking_uri(Path.cwd()),
+                        help="MLflow tracking URI (default: ./mlruns.db, as python -m study.run)")
+    parser.add_argument("--parent", default=None, help="parent run id (default: the newest with a finished trial)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
     args = parser.parse_args(argv)
     try:
         files = build_report(load(args.name), args.tracking_uri, args.out, args.parent)
-    except (SpecError, ReportError) as err:
+    except VadClipError as err:
         print(f"study.report: {err}", file=sys.stderr)
         return 2
     print(files.text)

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# CheckpointConfig(num_to_keep=1) makes Tune snapshot the experiment state after every trial
-# checkpoint (so a resume never points at a deleted one): by design here, so its "snapshotting
-# triggered multiple times" warning (100+ lines per study) is off. Slow snapshots still warn.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-from study import spec as specs  # noqa: E402
-from study.tracking import (  # noqa: E402
-    TrackingError,
+from study import spec as specs
+from study.tracking import (
     check_tracking_uri,
     client,
     close_unfinished_children,
@@ -33,23 +28,24 @@ from study.tracking import (  # noqa: E402
     reopen,
     set_status,
     start_parent,
+    ui_url,
 )
-from vadclip.config import ConfigError, flatten  # noqa: E402
-from vadclip.data import DataError  # noqa: E402
+from vadclip.cli import Override, add_config_flags, flag_overrides, infer_dataset, positive_int
+from vadclip.config import VadClipConfig, flatten
+from vadclip.errors import VadClipError
 
-STATE_DIR = ".study_state"  # per-project pointers to the latest invocation of each study (for --resume)
+STATE_DIR = ".study_state"  # per-project pointers to the latest resumable invocation of each study
+EXIT_FAILED_TRIALS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 @dataclass
 class RunOptions:
-    dataset: str | None = None  # synthetic | ucf | xd (default: the study's preset)
-    lists: str | None = None
-    features: str | None = None
-    clip_weights: str | None = None
+    dataset: str | None = None  # synthetic | ucf | xd (default: inferred from --lists, else the study's preset)
+    flags: list[Override] = field(default_factory=list)  # --lists/--features/--clip-weights/--set as overrides
     seeds: int | None = None
     num_samples: int | None = None
     max_epochs: int | None = None
-    address: str = ""  # "" = start a local Ray; "auto" = join a running cluster
+    address: str = ""  # "" = start a local Ray; "auto" = join a running cluster; or HOST:PORT
     storage: str | None = None  # Ray storage_path (absolute path or URI)
     tracking_uri: str | None = None
     resume: bool = False
@@ -57,103 +53,137 @@ class RunOptions:
     project: Path = field(default_factory=Path.cwd)
     reports_dir: Path | None = None
     num_cpus: int | None = None  # local Ray only
-    overrides: dict[str, Any] = field(default_factory=dict)
     fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests only
-    verbose: int = 1
+    verbose: int = 0  # 0: one progress line; 1: Tune's status tables and the workers' output; 2: + trial results
+
+    def all_flags(self) -> list[Override]:
+        extra = [Override("optim.epochs", self.max_epochs, f"--max-epochs {self.max_epochs}")] \
+            if self.max_epochs is not None else []
+        return [*self.flags, *extra]
 
 
-class StudyError(RuntimeError):
+class StudyError(VadClipError, RuntimeError):
     """Bad input found before anything was started; printed as one line."""
 
 
-def _extra_overrides(opts: RunOptions) -> dict[str, Any]:
-    extra = dict(opts.overrides)
-    for key, value in (("data.lists", opts.lists), ("data.features", opts.features),
-                       ("clip.weights", opts.clip_weights), ("optim.epochs", opts.max_epochs)):
-        if value is not None:
-            extra[key] = value
-    if opts.clip_weights and (opts.dataset or "synthetic") != "synthetic":
-        extra.setdefault("clip.model", "ViT-B-16")
-    return extra
+class StudyInterrupted(VadClipError, KeyboardInterrupt):
+    """Ctrl-C: trials stopped, the parent run left KILLED, no report; the message says how to resume."""
 
 
-def plan(spec: specs.StudySpec, opts: RunOptions) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Plan:
+    resolved: specs.Resolved
+    seeds: list[int]
+    trials: list[tuple[str, int]]  # (row or "search", seed)
+    metric: str  # the study metric, resolved for the data style
+
+    @property
+    def base(self) -> VadClipConfig:
+        return self.resolved.base
+
+    @property
+    def dataset(self) -> str:
+        return self.resolved.dataset
+
+
+def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
     """Validate everything a run needs and describe the trials; touches nothing."""
-    dataset = opts.dataset or spec.preset
-    if dataset not in specs.DATASETS:
-        raise StudyError(f"--dataset {dataset!r} unknown; allowed: {', '.join(specs.DATASETS)}")
-    extra = _extra_overrides(opts)
-    base = specs.base_config(spec, dataset, extra)
-    specs.trial_configs(spec, dataset, extra)  # every row must build a valid config for this dataset
-    if dataset != "synthetic":
-        for key in ("lists", "features"):
+    flags = opts.all_flags()
+    lists = next((str(o.value) for o in flags if o.key == "data.lists"), None)
+    resolved = specs.resolve(spec, infer_dataset(opts.dataset, lists), flags)
+    base = resolved.base
+    if resolved.dataset != "synthetic":
+        for key, flag in (("lists", "--lists"), ("features", "--features")):
             folder = getattr(base.data, key)
             if folder is None:
-                raise StudyError(f"--dataset {dataset} needs --{key} DIR")
+                raise StudyError(f"--dataset {resolved.dataset} needs {flag} DIR")
             if not Path(folder).is_dir():
-                raise StudyError(f"--{key} {folder}: folder does not exist")
+                raise StudyError(f"{flag} {folder}: folder does not exist")
+    for name, value in (("--seeds", opts.seeds), ("--num-samples", opts.num_samples)):
+        if value is not None and value < 1:
+            raise StudyError(f"{name} must be >= 1, got {value}")
     seeds = [base.seed + i for i in range(opts.seeds or spec.seeds)]
     if spec.kind == "search":
         seeds = seeds[:1]  # a searcher proposes configs; repeats over seeds belong to ablations
     trials = ([(v.name, s) for v in spec.variants for s in seeds] if spec.kind == "ablation"
               else [("search", seeds[0])] * (opts.num_samples or spec.num_samples))
-    return {"dataset": dataset, "base": base, "seeds": seeds, "trials": trials,
-            "metric": spec.resolve_metric(base.style)}
+    return Plan(resolved, seeds, trials, spec.resolve_metric(base.style))
 
 
-def print_plan(spec: specs.StudySpec, p: dict[str, Any]) -> None:
+def print_plan(spec: specs.StudySpec, p: Plan) -> None:
     print(f"study {spec.name} ({spec.kind}): {spec.description}")
-    print(f"dataset {p['dataset']}, metric {p['metric']}, selection on {p['base'].eval.selection}, "
-          f"resources per trial {spec.resources}, epochs {p['base'].optim.epochs}")
+    print(f"dataset {p.dataset}, metric {p.metric}, selection on {p.base.eval.selection}, "
+          f"resources per trial {spec.resources}, epochs {p.base.optim.epochs}")
     if spec.kind == "ablation":
-        for i, (variant, seed) in enumerate(p["trials"]):
+        for i, (variant, seed) in enumerate(p.trials):
             overrides = next(v.overrides for v in spec.variants if v.name == variant)
             print(f"  trial {i:3d}: {variant:40s} seed {seed}  {overrides}")
     else:
-        print(f"  {len(p['trials'])} trials sampled by Optuna (TPE) with seed {p['seeds'][0]}, "
+        print(f"  {len(p.trials)} trials sampled by Optuna (TPE) with seed {p.seeds[0]}, "
               f"scheduler {spec.scheduler}, from:")
         for key, domain in spec.space.items():
-            print(f"    {key}: {domain}")
-    print(f"{len(p['trials'])} trials")
+            print(f"    {key}: {domain.describe()}")
+    print(f"{len(p.trials)} trials")
 
 
-def _tune_domain(domain: dict[str, list]):
-    from ray import tune
+def check_address(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT that nothing answers on fails here, in seconds (ray.init would retry for minutes)."""
+    if address in ("", "auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"--address {address!r}: expected HOST:PORT, 'auto' or ''")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as err:
+        raise StudyError(f"--address {address}: no Ray cluster answers there ({err}); start one with "
+                         f"`ray start --head` or `ray up cluster.yaml`, or leave --address out for a local Ray") \
+            from err
 
-    (kind, args), = domain.items()
-    if kind == "choice":
-        return tune.choice(args)
-    if kind == "uniform":
-        return tune.uniform(*args)
-    if kind == "loguniform":
-        return tune.loguniform(*args)
-    if kind == "randint":
-        return tune.randint(int(args[0]), int(args[1]))
-    return tune.quniform(*args)
+
+def check_storage(storage: str) -> None:
+    if "://" in storage:
+        return  # cloud storage: Tune reports its own errors
+    path = Path(storage)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StudyError(f"--storage {storage}: cannot create the folder ({err})") from err
+    if not os.access(path, os.W_OK):
+        raise StudyError(f"--storage {storage}: folder is not writable")
 
 
 def _state_path(opts: RunOptions, study: str) -> Path:
     return opts.project / STATE_DIR / f"{study}.json"
 
 
-def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
-    """Run (or resume) a study; returns a summary with the report paths. Raises StudyError/SpecError."""
+def resume_command(spec: specs.StudySpec) -> str:
+    return f"python -m study.run {spec.name if spec.path.parent == specs.SPEC_DIR else spec.path} --resume"
+
+
+def _start_ray(opts: RunOptions) -> None:
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    from study.report import build_report
-    from study.trainable import TrialContext, train_trial
-    from vadclip.data import load_dataset
+    if ray.is_initialized():
+        return
+    quiet = {"log_to_driver": opts.verbose >= 1, "logging_level": logging.INFO if opts.verbose else logging.ERROR}
+    if opts.address:
+        ray.init(address=opts.address, **quiet)
+    else:
+        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
 
+
+def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
+    """Run (or resume) a study; returns a summary with the report paths.
+
+    Raises VadClipError subclasses for bad input (nothing created) and StudyInterrupted on Ctrl-C."""
     spec = specs.load(name)
     opts.project = opts.project.resolve()
     p = plan(spec, opts)
     if opts.dry_run:
         print_plan(spec, p)
-        return {"dry_run": True, "trials": p["trials"]}
+        return {"dry_run": True, "trials": p.trials}
     state_file = _state_path(opts, spec.name)
     previous = json.loads(state_file.read_text()) if state_file.is_file() else None
     if opts.resume and previous is None:
@@ -161,58 +191,92 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     # a resumed study goes on logging where it started unless told otherwise
     uri = opts.tracking_uri or (previous["tracking_uri"] if opts.resume else default_tracking_uri(opts.project))
     check_tracking_uri(uri)
-    storage = opts.storage or str(opts.project / "ray_results")
+    storage = previous["storage"] if opts.resume else (opts.storage or str(opts.project / "ray_results"))
     if "://" not in storage and not Path(storage).is_absolute():
         storage = str((opts.project / storage).resolve())
-    base = p["base"]
-    data = load_dataset(base)  # once per study: trials share it through Ray's object store
+    check_storage(storage)
+    check_address(opts.address)
 
-    experiment_id = ensure_experiment(uri, spec.name, opts.project / "mlartifacts")
-    tags = {"study": spec.name, "study.kind": spec.kind, "dataset": p["dataset"],
-            "selection": base.eval.selection, "map_protocol": base.eval.map_protocol,
+    from study.trainable import TrialContext, train_trial
+    from vadclip.data import load_dataset
+    from vadclip.model.clip import RANDOM_WEIGHTS_WARNING
+
+    data = load_dataset(p.base)  # once per study: trials share it through Ray's object store
+    if p.base.clip.weights is None:
+        # once here; the trials' copies stay in their logs (shown with -v)
+        print(RANDOM_WEIGHTS_WARNING.format(model=p.base.clip.model), file=sys.stderr)
+    _start_ray(opts)
+    if not opts.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+
+    experiment_id = ensure_experiment(uri, spec.name, opts.project / "mlartifacts", description=spec.description)
+    tags = {"study": spec.name, "study.kind": spec.kind, "dataset": p.dataset,
+            "selection": p.base.eval.selection, "map_protocol": p.base.eval.map_protocol,
             "code_version": code_version()}
     if opts.resume:
         run_name, parent_id = previous["run_name"], previous["parent_run_id"]
-        storage = previous["storage"]
         reopen(uri, parent_id)
     else:
         run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent_id = start_parent(uri, experiment_id, run_name, tags,
-                                 {"study.trials": len(p["trials"]), **flatten(base)})
+                                 {"study.trials": len(p.trials), "study.seeds": len(p.seeds), **flatten(p.base)})
         client(uri).log_text(parent_id, spec.text(), f"{spec.name}.yaml")
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"run_name": run_name, "parent_run_id": parent_id, "storage": storage,
-                                          "experiment_id": experiment_id, "tracking_uri": uri}))
+    try:
+        return _tune(spec, opts, p, data, uri, experiment_id, parent_id, run_name, storage, tags, state_file,
+                     TrialContext, train_trial)
+    except StudyInterrupted:
+        set_status(uri, parent_id, "KILLED")  # --resume continues it
+        raise
+    except BaseException:
+        set_status(uri, parent_id, "FAILED")
+        raise
 
-    ctx = TrialContext(study=spec.name, base=flatten(base), variants={v.name: v.overrides for v in spec.variants},
-                       tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_id, tags=tags,
+
+def _tune(spec, opts, p, data, uri, experiment_id, parent_id, run_name, storage, tags, state_file,
+          TrialContext, train_trial) -> dict[str, Any]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from study.plots import write_html_report
+    from study.progress import StudyProgress
+    from study.report import build_report
+    from study.tracking import (
+        log_parent_summary,
+        mark_interrupted_children,
+        record_failed_trials,
+        tune_failures,
+        unfinished_trials,
+    )
+
+    base = p.base
+    ctx = TrialContext(study=spec.name, base=base, rows=p.resolved.rows, tracking_uri=uri,
+                       experiment_id=experiment_id, parent_run_id=parent_id, tags=tags,
                        cpus_per_trial=spec.resources["cpu"], fail_at_epoch=dict(opts.fail_at_epoch))
-    if not ray.is_initialized():
-        if opts.address:
-            ray.init(address=opts.address)
-        else:
-            ray.init(num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False)
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, ctx=ctx), spec.resources)
-    metric = f"val/{p['metric']}" if base.eval.selection == "val" else f"test/{p['metric']}"
-    metric = metric_key(metric)
+    metric = metric_key(f"{base.eval.selection}/{p.metric}")
+    progress = StudyProgress(spec.name, len(p.trials), metric, p.metric)
     run_config = tune.RunConfig(
-        name=run_name, storage_path=storage, verbose=opts.verbose,
+        name=run_name, storage_path=storage, verbose=opts.verbose, callbacks=[progress],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     path = f"{storage.rstrip('/')}/{run_name}"
     if opts.resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   param_space=None)
+        restored = tuner._local_tuner.get_run_config()  # the pickled one: this driver's callback and verbosity
+        restored.callbacks, restored.verbose = [progress], opts.verbose
     else:
+        names = dict(trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id)
         if spec.kind == "ablation":
             param_space = {"variant": tune.grid_search([v.name for v in spec.variants]),
-                           "seed": tune.grid_search(p["seeds"])}
-            tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,
-                                          trial_dirname_creator=lambda t: t.trial_id,
-                                          trial_name_creator=lambda t: t.trial_id)
+                           "seed": tune.grid_search(p.seeds)}
+            tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None, **names)
         else:
-            param_space = {"seed": p["seeds"][0], **{k: _tune_domain(d) for k, d in spec.space.items()}}
-            searcher = OptunaSearch(metric=metric, mode="max", seed=p["seeds"][0])
+            param_space = {"seed": p.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
+            searcher = OptunaSearch(metric=metric, mode="max", seed=p.seeds[0])
             if spec.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
             # max_t past the last epoch: ASHA stops only losers, a trial that trains to the end finishes itself
@@ -220,21 +284,48 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
                                        max_t=base.optim.epochs + 1, grace_period=spec.scheduler.get("grace_period", 1),
                                        reduction_factor=spec.scheduler.get("reduction_factor", 2))
                          if spec.scheduler["type"] == "asha" else FIFOScheduler())
-            tune_config = tune.TuneConfig(num_samples=len(p["trials"]), search_alg=searcher, scheduler=scheduler,
-                                          trial_dirname_creator=lambda t: t.trial_id,
-                                          trial_name_creator=lambda t: t.trial_id)
+            tune_config = tune.TuneConfig(num_samples=len(p.trials), search_alg=searcher, scheduler=scheduler,
+                                          **names)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    results = tuner.fit()
-    errors = sum(1 for r in results if r.error is not None)
-    stopped = close_unfinished_children(uri, experiment_id, parent_id)
-    reports = Path(opts.reports_dir or opts.project / "reports")
+    # from here on this invocation is the one --resume continues
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"run_name": run_name, "parent_run_id": parent_id, "storage": storage,
+                                      "experiment_id": experiment_id, "tracking_uri": uri}))
     try:
-        files = build_report(spec, uri, reports, parent_run_id=parent_id)
-        log_artifacts(uri, parent_id, [files.md, files.tex, files.csv, *files.plots], "report")
-    finally:  # the trials' results are in MLflow whatever happens to the report
-        set_status(uri, parent_id, "FINISHED")
-    return {"parent_run_id": parent_id, "experiment_id": experiment_id, "tracking_uri": uri, "failed": errors,
-            "stopped_early": stopped, "report": files, "storage": path}
+        with _environment({"RAY_AIR_NEW_OUTPUT": "0"} if not opts.verbose else {}):
+            results = tuner.fit()  # quiet: Tune's new output engine prints its boxes even at verbose=0
+    except KeyboardInterrupt:  # a second Ctrl-C skips Tune's own graceful stop
+        progress.final_states, results = {}, []
+    if progress.interrupted:  # Tune returns normally after a Ctrl-C
+        mark_interrupted_children(uri, experiment_id, parent_id, unfinished_trials(results))
+        raise StudyInterrupted(f"study {spec.name} interrupted: {progress.line()}; no report written. "
+                               f"Continue it with: {resume_command(spec)}")
+    failures = tune_failures(results)
+    record_failed_trials(uri, experiment_id, parent_id, failures, tags)  # also those that failed before their run
+    stopped = close_unfinished_children(uri, experiment_id, parent_id, failures)
+    reports = Path(opts.reports_dir or opts.project / "reports")
+    files = build_report(spec, uri, reports, parent_run_id=parent_id)
+    html = write_html_report(files.md, files.plots)
+    log_artifacts(uri, parent_id, [files.md, html, files.tex, files.csv, *files.plots], "report")
+    log_parent_summary(uri, parent_id, files.summary, prefix="mean" if spec.kind == "ablation" else "")
+    set_status(uri, parent_id, "FINISHED")
+    return {"parent_run_id": parent_id, "experiment_id": experiment_id, "tracking_uri": uri,
+            "failed": len(failures), "stopped_early": stopped, "report": files, "storage": path}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the duration of a block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def list_studies(out=sys.stdout) -> None:
@@ -249,21 +340,19 @@ def list_studies(out=sys.stdout) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.splitlines()[0])
-    p.add_argument("name", nargs="?", help="study name (a YAML in search_spaces/)")
-    p.add_argument("--dataset", help="synthetic | ucf | xd (default: the study's preset)")
-    p.add_argument("--lists", help="the authors' list/ folder")
-    p.add_argument("--features", help="the feature folder")
-    p.add_argument("--clip-weights", help="local CLIP checkpoint")
-    p.add_argument("--seeds", type=int, help="seeds per ablation row")
-    p.add_argument("--num-samples", type=int, help="trials of a search")
-    p.add_argument("--max-epochs", type=int, help="epochs per trial")
-    p.add_argument("--address", default="", help="'' = start a local Ray (default); auto = join a cluster")
+    p.add_argument("name", nargs="?", help="study name (a YAML in search_spaces/) or a path to a study YAML")
+    add_config_flags(p, epochs_flag="--max-epochs")
+    p.add_argument("--seeds", type=positive_int, help="seeds per ablation row")
+    p.add_argument("--num-samples", type=positive_int, help="trials of a search")
+    p.add_argument("--address", default="", help="'' = start a local Ray (default); auto = join a cluster; "
+                   "HOST:PORT = that cluster")
     p.add_argument("--storage", help="Ray storage path or URI (default: ./ray_results)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: sqlite:///./mlruns.db)")
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted run of this study")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every trial")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray instance")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: Tune's status tables and the trials' output; -vv: also every trial result")
     return p
 
 
@@ -275,29 +364,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.name not in specs.available() and not (args.name.endswith(".yaml") and Path(args.name).is_file()):
         print(f"error: unknown study {args.name!r}", file=sys.stderr)
         list_studies(sys.stderr)
-        return 2
-    from study.report import ReportError
-    from vadclip.train import parse_set
-
+        return EXIT_BAD_INPUT
+    t0 = time.perf_counter()
     try:
-        opts = RunOptions(dataset=args.dataset, lists=args.lists, features=args.features,
-                          clip_weights=args.clip_weights, seeds=args.seeds, num_samples=args.num_samples,
-                          max_epochs=args.max_epochs, address=args.address, storage=args.storage,
+        flags = [o for o in flag_overrides(args) if o.key != "optim.epochs"]
+        opts = RunOptions(dataset=args.dataset, flags=flags, seeds=args.seeds, num_samples=args.num_samples,
+                          max_epochs=args.epochs, address=args.address, storage=args.storage,
                           tracking_uri=args.tracking_uri, resume=args.resume, dry_run=args.dry_run,
-                          num_cpus=args.num_cpus, overrides=parse_set(args.set))
-        t0 = time.perf_counter()
+                          num_cpus=args.num_cpus, verbose=args.verbose)
         summary = run_study(args.name, opts)
-    except (specs.SpecError, StudyError, TrackingError, ConfigError, DataError, FileNotFoundError,
-            ReportError) as err:
+    except StudyInterrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except VadClipError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if summary.get("dry_run"):
         return 0
     files = summary["report"]
-    print(files.md.read_text())
-    print(f"report: {files.md} {files.tex} {files.csv}")
-    print(f"mlflow: {summary['tracking_uri']} (parent run {summary['parent_run_id']}); "
-          f"failed trials {summary['failed']}; wall time {time.perf_counter() - t0:.0f} s")
+    print(files.text)
+    print(f"report: {files.md} (also .tex, .csv, .html); mlflow: {summary['tracking_uri']} "
+          f"(parent run {summary['parent_run_id']}); failed trials {summary['failed']}; "
+          f"wall time {time.perf_counter() - t0:.0f} s")
+    page = ui_url(summary["tracking_uri"], summary["experiment_id"])
+    served = "" if summary["tracking_uri"].startswith("http") else \
+        f"mlflow ui --backend-store-uri {summary['tracking_uri']}, then "
+    print(f"{served}open {page}")
+    if summary["failed"]:
+        print(f"error: {summary['failed']} trial(s) failed (see the report's failed column and MLflow)",
+              file=sys.stderr)
+        return EXIT_FAILED_TRIALS
     return 0
 
 

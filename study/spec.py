@@ -1,33 +1,37 @@
-"""Study specs: one YAML per study in search_spaces/, validated on load into a StudySpec."""
+"""Study specs: one YAML per study in search_spaces/, validated once on load into a StudySpec, then resolved
+against one invocation (dataset, flags) into the configs its trials run."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from vadclip.config import ConfigError, apply_overrides, choices, coerce, field_type, preset
+from study.space import Domain, SpaceError, validate_points
+from vadclip.cli import Override, blame
+from vadclip.config import ConfigError, VadClipConfig, apply_overrides, coerce, field_type, preset
+from vadclip.errors import VadClipError
+from vadclip.metrics import CORE_METRICS
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = ("ablation", "search")
 DATASETS = ("synthetic", "ucf", "xd")
-METRICS = ("auc", "ap", "ano_auc", "map_avg")
-DOMAINS = ("choice", "uniform", "loguniform", "randint", "quniform")
 SCHEDULERS = ("asha", "fifo")
 TOP_KEYS = {
     "name": str, "kind": str, "description": str, "preset": str, "variant": str, "metric": str,
-    "seeds": int, "num_samples": int, "max_epochs": int, "max_concurrent": int, "max_failures": int,
+    "seeds": int, "num_samples": int, "max_concurrent": int, "max_failures": int,
     "resources": dict, "base": dict, "variants": list, "full": str, "space": dict, "scheduler": dict,
-    "paper_table": int, "paper_metrics": list,
+    "paper_table": int,
 }
 VARIANT_KEYS = {"name": str, "set": dict, "paper": dict}
 RESOURCE_KEYS = {"cpu": (int, float), "gpu": (int, float)}
 SCHEDULER_KEYS = {"type": str, "grace_period": int, "reduction_factor": int}
 
 
-class SpecError(ValueError):
+class SpecError(VadClipError, ValueError):
     """A study YAML that cannot be run; the message names the file, the key and what is allowed."""
 
 
@@ -49,23 +53,30 @@ class StudySpec:
     metric: str = "auto"  # auto: AUC for UCF-style data, AP for XD-style
     seeds: int = 3
     num_samples: int = 1
-    max_epochs: int | None = None
     max_concurrent: int = 0  # 0 = as many as resources allow
     max_failures: int = 1  # retries of a failed trial (from its last checkpoint)
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     base: dict[str, Any] = field(default_factory=dict)
     variants: tuple[Variant, ...] = ()
     full: str | None = None  # the ablation row every other row is compared with
-    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    space: dict[str, Domain] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
     paper_table: int | None = None
-    paper_metrics: tuple[str, ...] = ()
 
     def resolve_metric(self, style: str) -> str:
         return self.metric if self.metric != "auto" else ("auc" if style == "ucf" else "ap")
 
     def text(self) -> str:
         return self.path.read_text()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A spec applied to one invocation: the configs its trials start from, each built and validated once."""
+
+    dataset: str
+    base: VadClipConfig  # the study's base config with the invocation's flags
+    rows: dict[str, VadClipConfig]  # ablation row -> its config (a search: {} ; its trials sample the space)
 
 
 def available() -> dict[str, Path]:
@@ -109,36 +120,11 @@ def _check_overrides(values: dict, where: str) -> dict[str, Any]:
     return out
 
 
-def _check_domain(key: str, domain: Any, where: str) -> dict[str, list]:
-    where = f"{where}: space.{key}"
+def _check_domain(key: str, raw: Any, where: str) -> Domain:
     try:
-        field_type(key)
-    except ConfigError as err:
-        raise SpecError(f"{where}: {err}") from err
-    if not isinstance(domain, dict) or len(domain) != 1:
-        raise SpecError(f"{where}: expected one of {{{', '.join(DOMAINS)}}}: [...], got {domain!r}")
-    (kind, args), = domain.items()
-    if kind not in DOMAINS:
-        raise SpecError(f"{where}: unknown domain {kind!r}; allowed: {', '.join(DOMAINS)}")
-    if not isinstance(args, list) or not args:
-        raise SpecError(f"{where}: {kind} needs a non-empty list, got {args!r}")
-    if kind == "choice":
-        return {kind: [_check_overrides({key: v}, where)[key] for v in args]}
-    if choices(key) is not None:
-        raise SpecError(f"{where}: {key} takes one of {list(choices(key))}; use choice, not {kind}")
-    need = 3 if kind == "quniform" else 2
-    if len(args) != need or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-        raise SpecError(f"{where}: {kind} needs {need} numbers, got {args!r}")
-    low, high = args[0], args[1]
-    if not low < high:
-        raise SpecError(f"{where}: {kind} needs low < high, got {args!r}")
-    if kind == "loguniform" and low <= 0:
-        raise SpecError(f"{where}: loguniform needs low > 0 (Optuna cannot express a log range from {low})")
-    if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
-        raise SpecError(f"{where}: randint needs integer bounds, got {args!r}")
-    for bound in (low, high):  # both ends must be valid values of the field
-        _check_overrides({key: int(bound) if kind == "randint" else bound}, where)
-    return {kind: list(args)}
+        return Domain.parse(key, raw)
+    except SpaceError as err:
+        raise SpecError(f"{where}: space.{key}: {err}") from err
 
 
 def parse(raw: Any, path: Path) -> StudySpec:
@@ -146,13 +132,17 @@ def parse(raw: Any, path: Path) -> StudySpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: expected a mapping of study keys, got {type(raw).__name__}")
     _check_keys(raw, TOP_KEYS, where)
-    for key in ("name", "kind", "description"):
+    for key in ("kind", "description"):
         if key not in raw:
             raise SpecError(f"{where}: missing required key {key!r}")
+    # the file's name is the study's name: experiment, resume state and reports are keyed by it
+    if raw.get("name", path.stem) != path.stem:
+        raise SpecError(f"{where}: name {raw['name']!r} differs from the file's name {path.stem!r}; the study "
+                        f"name is the file name (rename the file or drop the 'name' key)")
     if raw["kind"] not in KINDS:
         raise SpecError(f"{where}: kind {raw['kind']!r} unknown; allowed: {', '.join(KINDS)}")
-    if raw.get("metric", "auto") not in (*METRICS, "auto"):
-        raise SpecError(f"{where}: metric {raw['metric']!r} unknown; allowed: auto, {', '.join(METRICS)}")
+    if raw.get("metric", "auto") not in (*CORE_METRICS, "auto"):
+        raise SpecError(f"{where}: metric {raw['metric']!r} unknown; allowed: auto, {', '.join(CORE_METRICS)}")
     resources = raw.get("resources", {"cpu": 1, "gpu": 0})
     _check_keys(resources, RESOURCE_KEYS, f"{where}: resources")
     if any(v < 0 for v in resources.values()) or resources.get("cpu", 1) <= 0:
@@ -167,9 +157,9 @@ def parse(raw: Any, path: Path) -> StudySpec:
         if "name" not in v:
             raise SpecError(f"{vwhere}: missing required key 'name'")
         paper = v.get("paper", {})
-        bad = [k for k in paper if k not in METRICS]
+        bad = [k for k in paper if k not in CORE_METRICS]
         if bad:
-            raise SpecError(f"{vwhere}: paper metric {bad[0]!r} unknown; allowed: {', '.join(METRICS)}")
+            raise SpecError(f"{vwhere}: paper metric {bad[0]!r} unknown; allowed: {', '.join(CORE_METRICS)}")
         variants.append(Variant(v["name"], _check_overrides(v.get("set", {}), vwhere), paper))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -179,6 +169,10 @@ def parse(raw: Any, path: Path) -> StudySpec:
     _check_keys(scheduler, SCHEDULER_KEYS, f"{where}: scheduler")
     if scheduler.get("type", "asha") not in SCHEDULERS:
         raise SpecError(f"{where}: scheduler.type {scheduler['type']!r} unknown; allowed: {', '.join(SCHEDULERS)}")
+    for key in ("grace_period", "reduction_factor"):
+        if scheduler.get(key, 2) < 1 or key == "reduction_factor" and scheduler.get(key, 2) < 2:
+            raise SpecError(f"{where}: scheduler.{key} must be >= {1 if key == 'grace_period' else 2}, "
+                            f"got {scheduler[key]}")
     if raw["kind"] == "ablation":
         if not variants:
             raise SpecError(f"{where}: an ablation needs a non-empty 'variants' list")
@@ -186,54 +180,69 @@ def parse(raw: Any, path: Path) -> StudySpec:
             raise SpecError(f"{where}: 'space' belongs to kind 'search', not 'ablation'")
         if raw.get("full") is not None and raw["full"] not in names:
             raise SpecError(f"{where}: full {raw['full']!r} is not one of the variants {names}")
-    elif not space:
-        raise SpecError(f"{where}: a search needs a non-empty 'space'")
+    else:
+        if not space:
+            raise SpecError(f"{where}: a search needs a non-empty 'space'")
+        for key in ("variants", "full"):
+            if key in raw:
+                raise SpecError(f"{where}: {key!r} belongs to kind 'ablation', not 'search'")
     if raw.get("preset", "synthetic") not in DATASETS:
         raise SpecError(f"{where}: preset {raw['preset']!r} unknown; allowed: {', '.join(DATASETS)}")
-    for key in ("seeds", "num_samples"):
-        if raw.get(key, 1) < 1:
-            raise SpecError(f"{where}: {key} must be >= 1, got {raw[key]}")
-    bad = [m for m in raw.get("paper_metrics", []) if m not in METRICS]
-    if bad:
-        raise SpecError(f"{where}: paper_metrics {bad[0]!r} unknown; allowed: {', '.join(METRICS)}")
+    for key in ("seeds", "num_samples", "max_failures"):
+        if raw.get(key, 1) < (0 if key == "max_failures" else 1):
+            raise SpecError(f"{where}: {key} must be >= {0 if key == 'max_failures' else 1}, got {raw[key]}")
+    if raw.get("max_concurrent", 0) < 0:
+        raise SpecError(f"{where}: max_concurrent must be >= 0 (0 = as many as resources allow), "
+                        f"got {raw['max_concurrent']}")
     spec = StudySpec(
-        name=raw["name"], kind=raw["kind"], description=raw["description"], path=path,
+        name=path.stem, kind=raw["kind"], description=raw["description"], path=path,
         preset=raw.get("preset", "synthetic"), variant=raw.get("variant", "official"),
         metric=raw.get("metric", "auto"), seeds=raw.get("seeds", 3 if raw["kind"] == "ablation" else 1),
-        num_samples=raw.get("num_samples", 1), max_epochs=raw.get("max_epochs"),
+        num_samples=raw.get("num_samples", 1),
         max_concurrent=raw.get("max_concurrent", 0), max_failures=raw.get("max_failures", 1),
         resources={"cpu": 1, "gpu": 0, **resources}, base=base, variants=tuple(variants),
         full=raw.get("full", names[-1] if names else None), space=space,
         scheduler={"type": "asha", **scheduler}, paper_table=raw.get("paper_table"),
-        paper_metrics=tuple(raw.get("paper_metrics", [])),
     )
-    trial_configs(spec, spec.preset)  # every row must build a valid config
+    resolve(spec, spec.preset)  # every row and every point of the space must build a valid config
     return spec
 
 
-def trial_configs(spec: StudySpec, dataset: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build (and so validate) the config of each ablation row, or of the search's lower corner."""
-    rows = spec.variants or (Variant("search", {k: _corner(d) for k, d in spec.space.items()}),)
-    return {row.name: base_config(spec, dataset, {**(extra or {}), **row.overrides}) for row in rows}
+def resolve(spec: StudySpec, dataset: str | None = None, flags: Sequence[Override] = ()) -> Resolved:
+    """Build the base config and every row's config for `dataset` with the invocation's `flags`, and check
+    every point of a search space against it. Errors name the study file, or the flag when a flag is the cause."""
+    dataset = dataset or spec.preset
+    if dataset not in DATASETS:
+        raise SpecError(f"--dataset {dataset!r} unknown; allowed: {', '.join(DATASETS)}")
+    # the spec alone first: an error here is the YAML's (for this dataset)
+    _build(spec, dataset, [], lambda err: f"{spec.path}{_on(dataset, spec)}: {err}")
+    return _build(spec, dataset, list(flags), lambda err: f"{_blame(spec, dataset, flags)}: {err}")
 
 
-def _corner(domain: dict[str, list]) -> Any:
-    (kind, args), = domain.items()
-    return int(args[0]) if kind == "randint" else args[0]
+def _on(dataset: str, spec: StudySpec) -> str:
+    return f" (with --dataset {dataset})" if dataset != spec.preset else ""
 
 
-def base_config(spec: StudySpec, dataset: str, extra: dict[str, Any] | None = None):
+def _build(spec: StudySpec, dataset: str, flags: list[Override], message) -> Resolved:
+    extra = {o.key: o.value for o in flags}
     try:
-        return preset(dataset, spec.variant, {**spec.base, **(extra or {})})
-    except ConfigError as err:
-        raise SpecError(f"{spec.path}: {err}") from err
+        base = preset(dataset, spec.variant, {**spec.base, **extra})
+        rows = {v.name: preset(dataset, spec.variant, {**spec.base, **v.overrides, **extra})
+                for v in spec.variants}
+        validate_points(spec.space, lambda point: apply_trial(base, point))
+    except (ConfigError, SpaceError) as err:
+        raise SpecError(message(err)) from err
+    return Resolved(dataset, base, rows)
 
 
-def apply_trial(base, overrides: dict[str, Any]):
-    """A trial's config: base + its overrides (Tune hands floats for ints; coerce fixes that)."""
+def _blame(spec: StudySpec, dataset: str, flags: Sequence[Override]) -> str:
+    return blame(flags, lambda f: _build(spec, dataset, f, str)) + f" (study {spec.path.name})"
+
+
+def apply_trial(base: VadClipConfig, overrides: dict[str, Any]) -> VadClipConfig:
+    """A trial's config: base + its overrides (Tune hands floats for ints; they are rounded here)."""
     fixed = {k: (round(v) if isinstance(v, float) and field_type(k) is int else v) for k, v in overrides.items()}
     return apply_overrides(base, fixed)
 
 
-__all__ = ["SpecError", "StudySpec", "Variant", "available", "load", "parse", "trial_configs", "base_config",
-           "apply_trial"]
+__all__ = ["SpecError", "StudySpec", "Variant", "Resolved", "available", "load", "parse", "resolve", "apply_trial"]

@@ -6,25 +6,36 @@ it behaves the same in the driver and in Ray workers on other nodes.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from vadclip.errors import VadClipError
 
 T = TypeVar("T")
 PARENT, TRIAL = "parent", "trial"
+# MLflow 3 experiment kinds (the UI's ExperimentKind enum): a classic training experiment, not a GenAI app
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # what the UI shows (and edits) as the experiment's or run's description
+DESCRIPTION_TAG = "vadclip.description"  # the description this code wrote last (a note edited in the UI is kept)
+# tags of a trial run that only the driver sets, for the invocation that sets them
+STOPPED_EARLY, INTERRUPTED, ERROR = "stopped_early", "interrupted", "error"
+ML_WORKFLOW = "machine_learning"  # MLflow >= 3.x UI: ?workflowType=machine_learning shows runs, not traces
 
 
-class TrackingError(RuntimeError):
+class TrackingError(VadClipError, RuntimeError):
     """The tracking URI cannot be used; the message names it."""
 
 
@@ -87,15 +98,89 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None, description: str | None = None) -> str:
+    """The study's experiment, created when missing, marked as a model-training experiment (also when it
+    already existed), with `description` as its note. A note edited in the UI since is left alone."""
     c = client(uri)
     exp = retry(c.get_experiment_by_name, name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if artifact_root is not None and uri.startswith("sqlite:"):
-        location = (artifact_root / name).resolve().as_uri()  # beside the SQLite store, not in cwd
-    return retry(c.create_experiment, name, artifact_location=location)
+    if exp is None:
+        location = None
+        if artifact_root is not None and uri.startswith("sqlite:"):
+            location = (artifact_root / name).resolve().as_uri()  # beside the SQLite store, not in cwd
+        experiment_id, current = retry(c.create_experiment, name, artifact_location=location), {}
+    else:
+        experiment_id, current = exp.experiment_id, dict(exp.tags)
+    wanted = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    if description is not None:
+        wanted[DESCRIPTION_TAG] = description
+        if current.get(NOTE_TAG) in (None, "", current.get(DESCRIPTION_TAG)):
+            wanted[NOTE_TAG] = description
+    for key, value in wanted.items():
+        if current.get(key) != value:
+            retry(c.set_experiment_tag, experiment_id, key, value)
+    return experiment_id
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None, ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of the experiment's runs (or of one run). MLflow 3.17's UI chooses traces or runs
+    from a global "workflow type" (default GenAI), not from the experiment's kind tag; the query parameter
+    selects model training. `ui`: where `mlflow ui` serves a SQLite store (a tracking server serves its own)."""
+    base = uri if uri.startswith(("http://", "https://")) else ui
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType={ML_WORKFLOW}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def child_run_name(variant: str, seed: Any, trial_id: str, params: Mapping[str, Any] | None = None) -> str:
+    """A trial's run name with what tells it apart first (the UI cuts long names): `s234 · LGT-Adapter` for
+    an ablation row; for a search (one seed) the trial number and the sampled values, `#3 · window=8, lr=1e-05`.
+    The full trial id stays in the `trial_id` tag."""
+    if variant != "search":
+        return f"s{seed} · {variant}"[:200]
+    number = trial_id.rsplit("_", 1)[-1]
+    head = f"#{int(number)}" if number.isdigit() else trial_id
+    shown = ", ".join(f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in sorted((params or {}).items()))
+    return f"{head} · {shown}"[:200] if shown else f"{head} · s{seed}"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+def safe_key(text: str) -> str:
+    """A piece of an MLflow metric key: MLflow allows only alphanumerics, `_ - . / :` and space (no '(', '+');
+    `Local TF-Encoder + Global TF-Encoder` -> `Local_TF-Encoder_plus_Global_TF-Encoder`."""
+    key = re.sub(r"\.{2,}", ".", _UNSAFE.sub("_", str(text).replace("+", " plus ")))
+    return key[:100].strip("_.") or "_"
+
+
+def log_parent_summary(uri: str, parent_id: str, summary: Mapping[str, Mapping[str, float]],
+                       prefix: str = "mean") -> dict[str, float]:
+    """Per-row summary metrics on the parent run, so its chart view is not empty: `{row: {metric: value}}` ->
+    `<prefix>/<row>/<metric>` (e.g. `mean/LGT-Adapter/ap`; prefix "" -> `best/ap`), names made MLflow-safe.
+    Idempotent: a value equal to the one logged already is not logged again (a changed one is, at step 0).
+    Non-finite values are skipped. Returns every key with its value."""
+    c, keys, rows = client(uri), {}, {}
+    for row, metrics in summary.items():
+        base = safe_key(row)
+        name, n = base, 1
+        while name in rows and rows[name] != row:  # two rows with the same safe name stay apart
+            n += 1
+            name = f"{base}_{n}"
+        rows[name] = row
+        for metric, value in metrics.items():
+            if value is None or not math.isfinite(float(value)):
+                continue
+            parts = [prefix, name, *(safe_key(p) for p in metric_key(metric).split("/"))]
+            keys["/".join(p for p in parts if p)] = float(value)
+    logged = retry(c.get_run, parent_id).data.metrics
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, 0) for k, v in keys.items() if logged.get(k) != v]
+    for i in range(0, len(items), 1000):
+        retry(c.log_batch, parent_id, metrics=items[i:i + 1000])
+    return keys
 
 
 def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
@@ -132,14 +217,141 @@ def children(uri: str, experiment_id: str, parent_id: str) -> list:
                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000)
 
 
-def close_unfinished_children(uri: str, experiment_id: str, parent_id: str) -> int:
-    """Trials stopped by the scheduler never end their own run: mark them KILLED."""
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]+\))?: ")
+
+
+def error_line(error: BaseException | str) -> str:
+    """One line (<= 500 chars) naming a trial's error. A Ray `RayTaskError` (also as text, whose first line is
+    `ray::ImplicitFunc.train() (pid=...)`) gives the trial's own exception: `ValueError: bad window`."""
+    if isinstance(error, BaseException):
+        cause = getattr(error, "cause", None)
+        error = cause if isinstance(cause, BaseException) else error
+        text = f"{type(error).__name__}: {error}"
+    else:
+        text = str(error)
+    lines = [line.rstrip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    if lines and (lines[0].startswith("ray::") or lines[0].startswith("Traceback")):
+        named = [line for line in lines[1:] if _EXCEPTION_LINE.match(line)]
+        lines = named[-1:] or lines
+    return (lines[0] if lines else "unknown error")[:500]
+
+
+@dataclass(frozen=True)
+class FailedTrial:
+    """A Tune trial that ended in error, as the driver sees it in the ResultGrid."""
+
+    error: str  # one line
+    tags: dict[str, str] = field(default_factory=dict)  # variant, seed
+    params: dict[str, Any] = field(default_factory=dict)  # the trial's Tune config (grid values, samples)
+
+
+def tune_failures(results: Iterable[Any]) -> dict[str, FailedTrial]:
+    """Trial id -> FailedTrial for every result of a Tune ResultGrid with an error."""
+    failed = {}
+    for result in results:
+        if result.error is None:
+            continue
+        trial_id = _trial_id(result)
+        if trial_id is None:
+            continue
+        config = dict(result.config or {})
+        tags = {"variant": str(config.get("variant", "search"))}
+        if "seed" in config:
+            tags["seed"] = str(config["seed"])
+        failed[trial_id] = FailedTrial(error_line(result.error), tags, config)
+    return failed
+
+
+def _trial_id(result: Any) -> str | None:
+    trial_id = (result.metrics or {}).get("trial_id")
+    return trial_id or (Path(result.path).name if getattr(result, "path", None) else None)
+
+
+def unfinished_trials(results: Iterable[Any]) -> list[str]:
+    """Trial ids of a Tune ResultGrid that neither errored nor ended (Tune marks a trial's last result `done`
+    when it completes and when the scheduler stops it): non-empty after a Ctrl-C, which makes `Tuner.fit()`
+    return normally, with every trial TERMINATED in memory."""
+    return [t for r in results if r.error is None and not (r.metrics or {}).get("done") and (t := _trial_id(r))]
+
+
+def _failure_line(failure: FailedTrial | BaseException | str) -> str:
+    return failure.error if isinstance(failure, FailedTrial) else error_line(failure)
+
+
+def record_failed_trials(uri: str, experiment_id: str, parent_id: str,
+                         failures: Mapping[str, FailedTrial | BaseException | str],
+                         tags: Mapping[str, str] | None = None) -> list[str]:
+    """A FAILED child run, tagged `error`, for each failed trial that has none (it failed before its worker
+    created one, e.g. its config raised); tags as TrialRun's plus `tags`, the trial's variant/seed and its Tune
+    config as JSON (`tune_config`).
+    A FAILED child without an `error` tag gets one. Idempotent. Returns the run ids created."""
+    c = client(uri)
+    existing = {run.data.tags.get("trial_id"): run for run in children(uri, experiment_id, parent_id)}
+    created = []
+    for trial_id, failure in failures.items():
+        line = _failure_line(failure)
+        run = existing.get(trial_id)
+        if run is not None:
+            if run.info.status == "FAILED" and ERROR not in run.data.tags:
+                retry(c.set_tag, run.info.run_id, ERROR, line)
+            continue
+        own = failure.tags if isinstance(failure, FailedTrial) else {}
+        config = failure.params if isinstance(failure, FailedTrial) else {}
+        run_tags = {**(tags or {}), **own, "mlflow.parentRunId": parent_id, "vadclip.role": TRIAL,
+                    "trial_id": trial_id, ERROR: line}
+        if config:  # a tag, not params: a later attempt of the trial logs its full config as params
+            run_tags["tune_config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
+        name = child_run_name(run_tags.get("variant", "search"), run_tags.get("seed", "?"), trial_id,
+                              {k: v for k, v in config.items() if "." in k})
+        run_id = retry(c.create_run, experiment_id, run_name=name, tags=run_tags).info.run_id
+        retry(c.set_terminated, run_id, "FAILED")
+        created.append(run_id)
+    return created
+
+
+def close_unfinished_children(uri: str, experiment_id: str, parent_id: str,
+                              failures: Mapping[str, FailedTrial | BaseException | str] | None = None) -> int:
+    """After a Tune run that was NOT interrupted: every trial is done, so a child still RUNNING, or KILLED by its
+    worker (stopped inside tune.report), was stopped by the scheduler: tag it `stopped_early` and end it KILLED.
+    A child whose trial is in `failures` (trial id -> error) ends FAILED with an `error` tag instead; a child
+    tagged `interrupted` (its trial was not continued) is left alone. Returns how many were tagged stopped_early."""
     n, c = 0, client(uri)
+    failures = failures or {}
     for run in children(uri, experiment_id, parent_id):
-        if run.info.status == "RUNNING":
-            retry(c.set_tag, run.info.run_id, "stopped_early", "true")
-            retry(c.set_terminated, run.info.run_id, "KILLED")
+        status, tags, run_id = run.info.status, run.data.tags, run.info.run_id
+        if status not in ("RUNNING", "KILLED"):
+            continue
+        if tags.get("trial_id") in failures:
+            retry(c.set_tag, run_id, ERROR, _failure_line(failures[tags["trial_id"]]))
+            retry(c.set_terminated, run_id, "FAILED")
+        elif tags.get(STOPPED_EARLY) != "true" and tags.get(INTERRUPTED) != "true":
+            retry(c.set_tag, run_id, STOPPED_EARLY, "true")
+            if status == "RUNNING":
+                retry(c.set_terminated, run_id, "KILLED")
             n += 1
+    return n
+
+
+def mark_interrupted_children(uri: str, experiment_id: str, parent_id: str,
+                              trial_ids: Iterable[str] = ()) -> int:
+    """After a Tune run interrupted by the user (Ctrl-C): children still RUNNING, and KILLED children of
+    `trial_ids` (unfinished_trials(results): their worker was stopped inside tune.report) without a verdict, end
+    KILLED with the tag `interrupted=true` (never `stopped_early`); `--resume` continues them and drops the tag.
+    Returns how many were tagged."""
+    n, c, unfinished = 0, client(uri), set(trial_ids)
+    for run in children(uri, experiment_id, parent_id):
+        tags = run.data.tags
+        killed_here = (run.info.status == "KILLED" and tags.get("trial_id") in unfinished
+                       and INTERRUPTED not in tags and tags.get(STOPPED_EARLY) != "true")
+        if run.info.status != "RUNNING" and not killed_here:
+            continue
+        if STOPPED_EARLY in run.data.tags:
+            retry(c.delete_tag, run.info.run_id, STOPPED_EARLY)
+        retry(c.set_tag, run.info.run_id, INTERRUPTED, "true")
+        if run.info.status == "RUNNING":
+            retry(c.set_terminated, run.info.run_id, "KILLED")
+        n += 1
     return n
 
 
@@ -153,13 +365,18 @@ class TrialRun:
                          filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id = '{trial_id}'")
         self.tags: dict[str, str] = {}  # the run's tags when it already existed (a retried or resumed trial)
         self.final_logged = False
+        self.has_params = False
         if existing:
             self.run_id = existing[0].info.run_id
             self.tags = dict(existing[0].data.tags)
             # a trial that ended just before its driver died is run again from its last checkpoint on --resume
             self.final_logged = any(k.startswith("final/") for k in existing[0].data.metrics)
+            # a run recorded by the driver for a trial that failed before its worker got here has no params
+            self.has_params = bool(existing[0].data.params)
             reopen(uri, self.run_id)
             self.resumed = True
+            for key in (STOPPED_EARLY, INTERRUPTED, ERROR):  # the driver's verdicts on an earlier attempt
+                self.delete_tag(key)
         else:
             run = retry(self.c.create_run, experiment_id, run_name=run_name,
                         tags={"mlflow.parentRunId": parent_id, "vadclip.role": TRIAL, "trial_id": trial_id,
@@ -171,8 +388,9 @@ class TrialRun:
         return [m.step for m in retry(self.c.get_metric_history, self.run_id, key)]
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.resumed:  # params are immutable in MLflow; a resumed run has them already
+        if not self.has_params:  # params are immutable in MLflow; a resumed run has them already
             log_params(self.c, self.run_id, params)
+            self.has_params = True
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step=epoch; an epoch already logged (before a crash) is not logged twice."""

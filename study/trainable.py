@@ -15,8 +15,8 @@ from ray import tune
 
 from study.plots import score_curves
 from study.spec import apply_trial
-from study.tracking import TrialRun, metric_key
-from vadclip.config import apply_overrides, flatten, from_flat
+from study.tracking import TrialRun, child_run_name, metric_key
+from vadclip.config import VadClipConfig, apply_overrides, flatten
 from vadclip.data import VadDataset
 from vadclip.evaluate import branch_scores
 from vadclip.train import CHECKPOINT_LAST, EpochRecord, fit, load_checkpoint
@@ -27,25 +27,25 @@ class TrialContext:
     """What every trial needs besides its own params; small and picklable (the data travels separately)."""
 
     study: str
-    base: dict[str, Any]  # flattened base VadClipConfig
-    variants: dict[str, dict[str, Any]]  # ablation row name -> overrides
+    base: VadClipConfig  # the study's base config (a search's trials start from it)
+    rows: dict[str, VadClipConfig]  # ablation row name -> its config, built and validated by the spec
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str]
     cpus_per_trial: float = 1
-    fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests: variant -> epoch that raises
+    fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests: variant -> epoch that raises (0: at once)
 
 
 class InjectedFailure(RuntimeError):
     """Raised on purpose by tests of retries and failure accounting."""
 
 
-def trial_config(params: dict[str, Any], ctx: TrialContext):
+def trial_config(params: dict[str, Any], ctx: TrialContext) -> tuple[VadClipConfig, str]:
+    """The row's (or the search base's) config with the trial's seed and sampled values."""
     variant = params.get("variant", "search")
-    overrides = {**ctx.variants.get(variant, {}), **{k: v for k, v in params.items() if "." in k}}
-    overrides["seed"] = params["seed"]
-    return apply_trial(from_flat(ctx.base), overrides), variant
+    overrides = {k: v for k, v in params.items() if "." in k}
+    return apply_trial(ctx.rows.get(variant, ctx.base), {**overrides, "seed": params["seed"]}), variant
 
 
 def trial_device(requested: str, gpu_ids: Sequence[str | int], cuda_available: bool) -> str:
@@ -63,11 +63,14 @@ def trial_device(requested: str, gpu_ids: Sequence[str | int], cuda_available: b
 def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     cfg, variant = trial_config(params, ctx)
+    if ctx.fail_at_epoch.get(variant) == 0:
+        raise InjectedFailure(f"injected failure in {variant!r} before its MLflow run exists")
     trial_id = tune.get_context().get_trial_id()
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     device = trial_device(cfg.device, gpu_ids, torch.cuda.is_available())
+    searched = {k: v for k, v in params.items() if "." in k}  # a search's sampled values
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
-                   run_name=f"{variant}-s{cfg.seed}-{trial_id}",
+                   run_name=child_run_name(variant, cfg.seed, trial_id, searched),
                    tags={**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
                          "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
                          "map_protocol": cfg.eval.map_protocol})
@@ -88,7 +91,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         run.delete_tag("restored_from_epoch")  # an earlier attempt's; this one starts from scratch
     run.set_tags(placement)
     out_dir = Path(tempfile.mkdtemp(prefix="vadclip-trial-"))
-    reporting = False  # Tune stops a trial (scheduler decision) by raising inside tune.report
+    reporting = False  # Tune stops a trial by raising inside tune.report (the scheduler, or a Ctrl-C on the driver)
 
     def on_epoch(record: EpochRecord) -> None:
         if ctx.fail_at_epoch.get(variant) == record.epoch:
@@ -102,8 +105,9 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
 
     try:
         result = fit(cfg, data, out_dir=out_dir, callbacks=[on_epoch], resume=resume, progress=False)
-        run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"]},
-                      step=cfg.optim.epochs)
+        # test metrics of the selected checkpoint, and its validation metrics (what a search ranks by)
+        run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"],
+                       **{f"val/{k}": v for k, v in result.metrics["val"].items()}}, step=cfg.optim.epochs)
         run.log_artifact(out_dir / "config.json")
         run.log_artifact(out_dir / "metrics.json")
         chosen = "a" if result.metrics["test"].get("branch_is_a") else "c"  # also right for score_branch 'best'
@@ -114,8 +118,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
         run.end("FINISHED")
     except BaseException:
-        if reporting:  # stopped early by the scheduler, not a failure
-            run.set_tags({"stopped_early": "true"})
+        if reporting:  # stopped, not failed; the driver tags why (stopped_early or interrupted), it alone knows
             run.end("KILLED")
         else:
             run.end("FAILED")  # a retry sets it RUNNING again and continues the same run

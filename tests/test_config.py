@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from vadclip.config import ConfigError, apply_overrides, flatten, from_flat, preset
+from vadclip.config import ClipConfig, ConfigError, apply_overrides, flatten, from_flat, preset
 
 
 def test_presets_and_variants():
@@ -55,3 +55,12 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="must divide"):
         preset("xd", overrides={"model.window": 48})
     assert preset("xd", overrides={"model.window": 48, "model.window_overlap": True}).model.window == 48
+
+
+def test_real_data_presets_default_to_openai_quickgelu_clip():
+    # The authors' CLIP is OpenAI's ViT-B/16, which uses QuickGELU (open_clip `ViT-B-16` is exact GELU).
+    assert ClipConfig().model == "ViT-B-16-quickgelu"
+    for name in ("ucf", "xd"):
+        for variant in ("official", "paper"):
+            assert preset(name, variant).clip.model == "ViT-B-16-quickgelu"
+    assert preset("synthetic").clip.model == "vadclip-tiny"

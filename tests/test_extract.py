@@ -59,6 +59,22 @@ def small_video(path: Path, n: int, seed: int = 0) -> Path:
     return write_video(path, asym_frames(n, width=64, height=48, seed=seed))
 
 
+def indexed_video(path: Path, n: int, keep: float = 1.0) -> Path:
+    """MPEG-4 video cut to the first `keep` of its bytes. An .mp4 is written faststart (index at the front)
+    and an .mkv holds its duration in the header, so a cut one still opens and advertises all `n` frames."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"movflags": "faststart"} if path.suffix == ".mp4" else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        for frame in asym_frames(n, width=64, height=48):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
 def corrupt_video(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(np.random.default_rng(1).bytes(4096))
@@ -359,6 +375,42 @@ def test_cli_skips_corrupt_video_and_exits_1(tmp_path: Path) -> None:
     assert "RANDOM weights" in proc.stderr  # the loud warning survives
     assert np.load(out / "Abuse/good__0.npy").shape == (2, 512)
     assert list(pd.read_csv(out / "CLIP_rgb.csv").path) == [str(out / "Abuse/good__0.npy")]
+
+
+@pytest.mark.parametrize("name", ["cut.mp4", "cut.mkv"])  # frame count from the index / from the duration
+def test_truncated_video_fails_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture, name) -> None:
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    small_video(videos / "Abuse/good.mp4", 24)
+    cut = indexed_video(videos / f"Abuse/{name}", 120, keep=0.6)
+    with av.open(str(cut)) as container:  # the damage is invisible to the container
+        stream = container.streams.video[0]
+        assert stream.frames == 120 or container.duration == 4_800_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights banner is expected here
+        code = ex.main([str(videos), str(out), "--clip-model", "vadclip-tiny", "--crops", "1", "--snippet",
+                        "middle", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"FAILED Abuse/{name}" in err and "failed 1" in err
+    assert "decoded" in err and "of 120 frames" in err  # says why: the file ends early
+    assert files_under(out) == {"Abuse/good__0.npy", "CLIP_rgb.csv", ex.MANIFEST_NAME}  # no partial features
+    assert list(pd.read_csv(out / "CLIP_rgb.csv").path) == [str(out / "Abuse/good__0.npy")]
+
+
+def test_edit_list_trim_is_not_a_truncation(tmp_path: Path) -> None:
+    """An edit list (a stream-copy cut) hides frames that the index still counts: no failure for that."""
+    full, trimmed = indexed_video(tmp_path / "full.mp4", 120), tmp_path / "trimmed.mp4"
+    with av.open(str(full)) as src, av.open(str(trimmed), "w", options={"use_editlist": "1",
+                                                                       "avoid_negative_ts": "disabled"}) as dst:
+        ist = src.streams.video[0]
+        ost = dst.add_stream_from_template(ist)
+        shift = round(40 / (ist.average_rate * ist.time_base))  # the first 40 frames before time 0: dropped
+        for packet in src.demux(ist):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, ost
+                dst.mux(packet)
+    with av.open(str(trimmed)) as container:
+        assert container.streams.video[0].frames == 120  # what a count-only check would expect
+    assert sum(1 for _ in ex.iter_frames(trimmed)) == 80
 
 
 # ------------------------------------------------------------------------------------ into the trainer

@@ -14,19 +14,22 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
+from vadclip.errors import VadClipError
+
 TEMPORAL = ("none", "local", "global_tf", "gcn", "local+gcn", "global_tf+gcn", "local+global_tf")
 BRANCHES = ("c", "a", "c+a")
 
 
-class ConfigError(ValueError):
+class ConfigError(VadClipError, ValueError):
     """A config key or value that is not allowed; the message names the key and what is allowed."""
 
 
 @dataclass(frozen=True)
 class ClipConfig:
-    # open_clip model name; `ViT-B-16-quickgelu` matches OpenAI's ViT-B/16 (the authors' CLIP).
+    # open_clip model name; `ViT-B-16-quickgelu` is OpenAI's ViT-B/16 (the authors' CLIP, QuickGELU);
+    # open_clip `ViT-B-16` is the same shape with exact GELU (for non-OpenAI checkpoints, e.g. LAION).
     # `vadclip-tiny` is a small random text tower for tests and the synthetic preset.
-    model: str = "ViT-B-16"
+    model: str = "ViT-B-16-quickgelu"
     weights: str | None = None  # local open_clip or OpenAI checkpoint; None = random (loud warning)
 
 
@@ -157,6 +160,7 @@ class VadClipConfig:
 
 _UCF = {
     "data.dataset": "ucf",
+    "clip.model": "ViT-B-16-quickgelu",  # OpenAI's ViT-B/16, as the authors' code
     "model.local_layers": 2,
     "model.window": 8,
     "loss.cts_weight": 0.1,
@@ -166,7 +170,7 @@ _UCF = {
     "optim.sampler": "balanced",
     "eval.eval_every_steps": 10,
 }
-_XD: dict[str, Any] = {"data.dataset": "xd"}
+_XD: dict[str, Any] = {"data.dataset": "xd", "clip.model": "ViT-B-16-quickgelu"}
 # About 15 s per run on 2 CPU cores; XD-style by default (the paper's ablations). d = 64 and 400
 # training videos: at d = 128 with 200 videos the full model memorised the video labels (train BCE
 # 0.2, test AUC ~0.6); here LGT reaches test AUC ~0.9 and the no-temporal baseline ~0.6.
@@ -404,6 +408,9 @@ def validate(cfg: VadClipConfig) -> None:
         raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda[:N]")
     if list(o.milestones) != sorted(o.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {list(o.milestones)}")
+    if d.dataset == "synthetic" and (d.lists or d.features):  # never record a folder that is not read
+        raise ConfigError(f"data.lists/data.features ({d.lists or d.features}) are set but data.dataset is "
+                          "synthetic; pass --dataset ucf or --dataset xd")
     s = d.synthetic
     if not 1 <= s.min_length <= s.max_length:
         raise ConfigError(f"data.synthetic: need 1 <= min_length <= max_length, got {s.min_length}, "

@@ -48,7 +48,7 @@ SNIPPET_CHOICES = ("mean", "middle")
 DEFAULT_CROPS = 10
 DEFAULT_SNIPPET = "mean"
 DEFAULT_BATCH_SIZE = 200  # images per encode_image call (20 frames × 10 crops)
-DEFAULT_CLIP_MODEL = "ViT-B-16"
+DEFAULT_CLIP_MODEL = "ViT-B-16-quickgelu"  # OpenAI's ViT-B/16 (QuickGELU), the authors' CLIP
 DEFAULT_LIST_NAME = "CLIP_rgb"
 MANIFEST_NAME = "extract_config.json"
 RANDOM_WEIGHTS_SEED = 0  # random-weight runs are reproducible, so a resumed run matches the first one
@@ -159,14 +159,41 @@ class Preprocess:
 # ----------------------------------------------------------------------------------------- decoding
 
 
+def advertised_frames(container: av.container.InputContainer, stream: av.VideoStream) -> int | None:
+    """Frames the container says the stream has: the smaller of the index's count and duration × average
+    rate (an edit list trims the duration but not the count), whichever is known; None if neither."""
+    counts = [stream.frames] if stream.frames else []
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    else:
+        seconds = container.duration / av.time_base if container.duration else 0.0
+    if rate and seconds > 0:
+        counts.append(round(seconds * float(rate)))
+    return min(counts) if counts else None
+
+
+def short_by_too_much(decoded: int, advertised: int) -> bool:
+    """A snippet or 2% of slack: decoders may drop a few frames (B-frame delay, timestamp rounding)."""
+    return advertised - decoded > max(CLIP_LEN, advertised // 50)
+
+
 def iter_frames(path: Path) -> Iterator[av.VideoFrame]:
-    """Decoded frames of the first video stream (FFmpeg threads on)."""
+    """Decoded frames of the first video stream (FFmpeg threads on). A file that ends well before the
+    frame count its header advertises (a truncated copy: FFmpeg just stops) raises VideoError at the end."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise VideoError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        yield from container.decode(stream)
+        advertised = advertised_frames(container, stream)
+        decoded = 0
+        for frame in container.decode(stream):
+            decoded += 1
+            yield frame
+        if advertised is not None and short_by_too_much(decoded, advertised):
+            raise VideoError(f"decoded {decoded} of {advertised} frames the container advertises; the file "
+                             f"ends early (truncated or damaged copy?)")
 
 
 def frame_to_rgb(frame: av.VideoFrame, reformatter: VideoReformatter | None = None) -> np.ndarray:
@@ -566,7 +593,8 @@ def extract_videos(videos_dir: str | Path, out_dir: str | Path, *, crops: int = 
     """Extract CLIP features of every video under `videos_dir` into `out_dir` (layout in the module doc).
 
     Resumable: videos whose crops are all present are skipped (unless `overwrite`). A video that cannot
-    be decoded is recorded in `summary.failed` and skipped. Bad input raises ExtractError.
+    be decoded, or decodes well short of its advertised frame count, is recorded in `summary.failed` and
+    gets no features. Bad input raises ExtractError.
     """
     videos_dir, out_dir = Path(videos_dir).absolute(), Path(out_dir).absolute()  # absolute paths in the list
     _validate(crops, snippet, batch_size, clip_model)

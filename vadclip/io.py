@@ -28,3 +28,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_write_text(text: str, path: Path) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_atomically(contents: dict[Path, bytes]) -> None:
+    """Several files, all or none: each to its temporary name first, then all renamed. Files get the usual
+    permissions (0644 under the common umask 022), as any file the user writes."""
+    temps: dict[Path, Path] = {}
+    try:
+        for path, data in contents.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps[path] = temp_name(path)
+            temps[path].write_bytes(data)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in temps.items():
+        os.replace(tmp, path)

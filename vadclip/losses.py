@@ -25,9 +25,13 @@ def topk_mean(values: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor) -> t
 
 def mil_bce_loss(logits_c: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
                  k: torch.Tensor) -> torch.Tensor:
-    """L_bce: BCE between the mean top-k anomaly confidence and the video label (1 = abnormal)."""
+    """L_bce: BCE between the mean top-k anomaly confidence and the video label (1 = abnormal).
+
+    No clamp on the probability, as in the authors' code: PyTorch clamps log(p) at -100, and a clamp
+    here would cut the gradient of confidently wrong videos (|mean top-k logit| > ~16).
+    """
     video = topk_mean(torch.sigmoid(logits_c), lengths, k).squeeze(-1)
-    return F.binary_cross_entropy(video.clamp(1e-7, 1 - 1e-7), 1.0 - labels[:, 0])
+    return F.binary_cross_entropy(video, 1.0 - labels[:, 0])
 
 
 def mil_align_loss(logits_a: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,

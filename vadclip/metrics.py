@@ -15,6 +15,44 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 PROTOCOLS = ("official", "paper")
+
+# ---------------------------------------------------------------- the metric vocabulary (one home)
+# Names as computed: auc/ap/ano_auc (fractions), map@0.1..map@0.5 and map_avg (percent, as the authors print),
+# each also per branch with a `c_`/`a_` prefix. MLflow keys allow no '@': `map@0.1` is logged as `map_iou0.1`.
+CORE_METRICS = ("auc", "ap", "ano_auc", "map_avg")  # the paper's headline columns, in its order
+MAP_LEVELS = ("map@0.1", "map@0.2", "map@0.3", "map@0.4", "map@0.5")
+LABELS = {"auc": "AUC", "ap": "AP", "ano_auc": "AnoAUC", "map_avg": "mAP AVG"}
+FRACTIONS = ("auc", "ap", "ano_auc")  # logged as fractions, shown in percent
+
+
+def mlflow_key(name: str) -> str:
+    """A metric name as MLflow stores it: `map@0.1` -> `map_iou0.1` (also inside `test/...`, `final/...`)."""
+    return name.replace("@", "_iou")
+
+
+def metric_name(key: str) -> str:
+    """Inverse of `mlflow_key`."""
+    return key.replace("_iou", "@")
+
+
+def _unbranched(name: str) -> str:
+    name = metric_name(name)
+    return name[2:] if name[:2] in ("c_", "a_") else name
+
+
+def is_fraction(name: str) -> bool:
+    """auc/ap/ano_auc (also per branch: c_auc, a_ap) are fractions; mAP is already percent."""
+    return _unbranched(name) in FRACTIONS
+
+
+def percent_scale(name: str) -> float:
+    return 100.0 if is_fraction(name) else 1.0
+
+
+def label(name: str) -> str:
+    """The paper's column label: AUC, AP, AnoAUC, mAP AVG, mAP@0.1 (accepts MLflow keys too)."""
+    name = metric_name(name)
+    return LABELS.get(name, name.replace("map@", "mAP@"))
 NORMAL_GT_LABEL = "A"  # gt label of normal videos in both datasets' segment files
 
 # Constants hard-coded in the authors' getLocMAP.

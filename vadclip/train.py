@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vadclip.config import ConfigError, VadClipConfig, flatten, preset
+from vadclip.cli import add_config_flags, as_dict, blame, flag_overrides, infer_dataset
+from vadclip.config import ConfigError, VadClipConfig, apply_overrides, flatten, preset
 from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dataset
+from vadclip.errors import VadClipError
 from vadclip.evaluate import Predictions, evaluate
 from vadclip.io import atomic_write, atomic_write_text
 from vadclip.losses import total_loss
@@ -66,13 +68,37 @@ def atomic_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> dict[str, Any]:
+class CheckpointError(DataError):
+    """A checkpoint file that is truncated, corrupt or not ours (a DataError, so the CLIs report it)."""
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu",
+                    required: Sequence[str] = ("model", "epoch")) -> dict[str, Any]:
+    """The dict saved by `fit` (a folder means its last.pt); `required`: keys the caller needs."""
+    import pickle
+
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_LAST
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=device, weights_only=True)
+    expected = f"expected a {CHECKPOINT_LAST} / {CHECKPOINT_BEST} written by vadclip.train"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message is a page of advice on weights_only=False
+        raise CheckpointError(f"{path}: holds Python objects that a weights-only load refuses, not a "
+                              f"checkpoint; {expected}") from e
+    except Exception as e:  # damaged or foreign bytes raise a dozen types (OSError, KeyError, struct.error, ...)
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {reason}), the file is truncated, "
+                              f"corrupt or not a checkpoint; {expected}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict; {expected}")
+    missing = [k for k in required if k not in ckpt]
+    if missing or not isinstance(ckpt.get("model", {}), dict):
+        what = f"missing key(s) {', '.join(map(repr, missing))}" if missing else "'model' is not a state dict"
+        raise CheckpointError(f"{path}: not a vadclip checkpoint ({what}); {expected}")
+    return ckpt
 
 
 def load_weights(model: VadCLIP, state: dict[str, torch.Tensor]) -> None:
@@ -131,7 +157,8 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
     start_epoch, best_score, best_epoch, history = 0, -math.inf, 0, []
     best_state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     if resume is not None:
-        ckpt = load_checkpoint(resume, device)
+        ckpt = load_checkpoint(resume, device, required=("model", "optimizer", "scheduler", "epoch", "best_score",
+                                                        "best_epoch", "history"))
         load_weights(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -231,52 +258,45 @@ def metrics_table(result: dict[str, Any]) -> str:
                     missingval="-") + "\n" + footer
 
 
-def parse_set(values: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vadclip.train", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="synthetic", help="ucf | xd | synthetic")
+    p.add_argument("--preset", default="synthetic", help="ucf | xd | synthetic (default: inferred from --lists)")
     p.add_argument("--variant", default="official", help="official (authors' code) | paper (paper text)")
-    p.add_argument("--lists", help="the authors' list/ folder (official file names)")
-    p.add_argument("--features", help="where the feature .npy files were unpacked")
-    p.add_argument("--clip-weights", help="local open_clip or OpenAI ViT-B/16 checkpoint")
+    add_config_flags(p, epochs_flag="--epochs")
     p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out")
     p.add_argument("--resume", help="checkpoint file or folder to resume from")
-    p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. model.window=16 eval.selection=test")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> VadClipConfig:
-    overrides: dict[str, Any] = {}
-    for flag, key in (("lists", "data.lists"), ("features", "data.features"), ("clip_weights", "clip.weights"),
-                      ("epochs", "optim.epochs"), ("seed", "seed"), ("device", "device")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    if overrides.get("clip.weights") and args.preset != "synthetic":
-        overrides.setdefault("clip.model", "ViT-B-16")
-    overrides.update(parse_set(args.set))
-    return preset(args.preset, args.variant, overrides)
+    """The config of a CLI run; an invalid value is blamed on the flag(s) that set it."""
+    base = preset(infer_dataset(args.dataset, args.lists) or args.preset, args.variant)
+    flags = flag_overrides(args)
+    try:
+        return apply_overrides(base, as_dict(flags))
+    except ConfigError as err:
+        raise ConfigError(f"{blame(flags, lambda f: apply_overrides(base, as_dict(f)))}: {err}") from err
+
+
+def check_out_dir(out: Path, resume: str | None, overwrite: bool) -> None:
+    """An earlier run's files are not silently replaced (resuming into its own folder is fine)."""
+    earlier = [n for n in ("metrics.json", CHECKPOINT_LAST, CHECKPOINT_BEST) if (out / n).exists()]
+    if earlier and resume is None and not overwrite:
+        raise ConfigError(f"--out {out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to "
+                          "replace it, --resume to continue it, or choose another --out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        check_out_dir(Path(args.out), args.resume, args.overwrite)
         result = fit(cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (VadClipError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(metrics_table(result.metrics))

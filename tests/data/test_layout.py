@@ -118,6 +118,18 @@ def test_load_features_unreadable_and_ok(tmp_path):
     assert x.dtype == np.float32 and x.shape == (3, 8)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e300])  # 1e300: inf once cast to float32
+def test_load_features_rejects_non_finite_rows(tmp_path, bad):
+    arr = np.ones((6, 8), np.float64)
+    arr[4, 2] = arr[5, 0] = bad
+    path = tmp_path / "nan_video__0.npy"
+    np.save(path, arr)
+    with pytest.raises(DataError) as err:
+        load_features(path, 8)
+    msg = str(err.value)
+    assert "nan_video__0.npy" in msg and "snippet 4" in msg and "2 of 6 snippets" in msg and "finite" in msg
+
+
 def _object_array(items):
     arr = np.empty(len(items), dtype=object)
     for i, x in enumerate(items):
@@ -157,3 +169,18 @@ def test_write_ground_truth_round_trips_and_rejects_bad_segments(tmp_path):
         write_ground_truth(tmp_path, "xd", [(3, [(0, 16, "Fighting")])])
     with pytest.raises(DataError, match=r"segment \[0, 64\) is outside its 48 frames"):
         write_ground_truth(tmp_path, "ucf", [(3, [(0, 64, "Abuse")])])
+
+
+@pytest.mark.parametrize("values,index,shown", [
+    ([0, 1, 7, 7], 2, "7.0"),
+    ([0, 1, 0.5, 1], 2, "0.5"),
+    ([1, np.nan, 0, 0], 1, "nan"),
+])
+def test_read_ground_truth_rejects_non_binary_frames(tmp_path, values, index, shown):
+    np.save(tmp_path / "gt.npy", np.asarray(values * 4, np.float32))
+    np.save(tmp_path / "gt_segment.npy", _object_array([[[0, 16]]]), allow_pickle=True)
+    np.save(tmp_path / "gt_label.npy", _object_array([["A"]]), allow_pickle=True)
+    with pytest.raises(DataError) as err:
+        read_ground_truth(tmp_path, "xd")
+    msg = str(err.value)
+    assert "gt.npy" in msg and f"frame {index}" in msg and shown in msg and "0/1" in msg

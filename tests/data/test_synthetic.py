@@ -201,3 +201,40 @@ def test_real_dataset_needs_folders(tmp_path, small_config):
     with pytest.raises(DataError, match="not a directory"):
         load_dataset(small_config("ucf", tmp_path, **{"data.dataset": "ucf", "data.lists": str(tmp_path / "no"),
                                                       "data.features": str(tmp_path)}))
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_non_finite_features_name_the_file(tmp_path, small_config, split, in_memory):
+    """NaN rows in one feature file: a DataError naming it and the first bad snippet, read in memory
+    (at load_dataset) or from disk (at the first read of that item), instead of a loss error later."""
+    cfg = small_config("ucf", tmp_path / "cache")
+    lists, _ = ensure_synthetic(cfg.data.synthetic, DIM, cfg.seed, cfg.data.cache_dir)
+    copy = _copy_layout(lists.parent, tmp_path / "copy")
+    real = {"data.dataset": "ucf", "data.lists": str(copy / "list"), "data.features": str(copy / "features"),
+            "data.in_memory": in_memory}
+    clean = load_dataset(small_config("ucf", tmp_path, **{**real, "data.in_memory": False}))
+    bank = clean.train if split == "train" else clean.test.features
+    index = len(bank) - 1
+    path = Path(bank.files[index][0])
+    feats = np.load(path)
+    feats[3:5] = np.nan
+    np.save(path, feats)
+    with pytest.raises(DataError) as err:
+        data = load_dataset(small_config("ucf", tmp_path, **real))
+        assert not in_memory  # a disk-backed bank reads features on access
+        (data.train if split == "train" else data.test.features)[index]
+    assert str(path) in str(err.value) and "snippet 3" in str(err.value)
+
+
+def test_non_binary_frame_ground_truth(tmp_path, small_config):
+    cfg = small_config("xd", tmp_path / "cache")
+    lists, _ = ensure_synthetic(cfg.data.synthetic, DIM, cfg.seed, cfg.data.cache_dir)
+    copy = _copy_layout(lists.parent, tmp_path / "copy")
+    gt = np.load(copy / "list" / "gt.npy")
+    np.save(copy / "list" / "gt.npy", np.full_like(gt, 7))
+    real = small_config("xd", tmp_path, **{"data.dataset": "xd", "data.lists": str(copy / "list"),
+                                           "data.features": str(copy / "features")})
+    with pytest.raises(DataError) as err:
+        load_dataset(real)
+    assert str(copy / "list" / "gt.npy") in str(err.value) and "frame 0" in str(err.value)

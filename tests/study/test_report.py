@@ -122,7 +122,7 @@ def _fill_store(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ablation(store: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> report.ReportFiles:
-    spec = parse(ABLATION, Path("x.yaml"))
+    spec = parse(ABLATION, Path("ablation_t.yaml"))
     return report.build_report(spec, store["uri"], tmp_path_factory.mktemp("reports"))
 
 
@@ -158,7 +158,7 @@ def test_ablation_table_equals_independent_groupby(ablation: report.ReportFiles,
 
 
 def test_latest_finished_parent_and_explicit_parent(store: dict[str, str], tmp_path: Path) -> None:
-    spec = parse(ABLATION, Path("x.yaml"))
+    spec = parse(ABLATION, Path("ablation_t.yaml"))
     old = report.build_report(spec, store["uri"], tmp_path, parent_run_id=store["old"])
     assert old.table.loc["Baseline", "ap_mean"] == pytest.approx(0.5)
     assert old.table.loc["LGT-Adapter", "ap_n"] == 0  # a row without runs stays, empty
@@ -227,7 +227,7 @@ def test_tex_is_booktabs_and_escaped(ablation: report.ReportFiles) -> None:
 
 def test_search_report_has_importances_and_plot(store: dict[str, str], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    files = report.build_report(parse(SEARCH, Path("x.yaml")), store["uri"], tmp_path)
+    files = report.build_report(parse(SEARCH, Path("search_t.yaml")), store["uri"], tmp_path)
     table = files.table
     assert table["ap"].tolist() == sorted((t[2] for t in TRIALS), reverse=True)
     assert table["model.window"].tolist() == [4, 8, 16, 16] and table["loss.cts_weight"].iloc[0] == 1e-4
@@ -248,28 +248,15 @@ def test_status_counts_early_stopped(store: dict[str, str], monkeypatch: pytest.
     assert counts["early-stopped"] == 1  # the failed trial also ran fewer epochs but counts as failed
 
 
-def test_distributions_follow_spec_domains() -> None:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    assert report.distribution({"choice": [4, 8]}) == CategoricalDistribution((4, 8))
-    assert report.distribution({"uniform": [0.0, 1.0]}) == FloatDistribution(0.0, 1.0)
-    assert report.distribution({"loguniform": [1e-5, 1.0]}) == FloatDistribution(1e-5, 1.0, log=True)
-    assert report.distribution({"randint": [0, 17]}) == IntDistribution(0, 16)  # Tune excludes the high end
-    assert report.distribution({"quniform": [0.0, 1.0, 0.25]}) == FloatDistribution(0.0, 1.0, step=0.25)
-    assert report.param_value("16", {"choice": [4, 8, 16]}) == 16
-    assert report.param_value("True", {"choice": [True, False]}) is True
-    assert report.param_value("3", {"randint": [0, 17]}) == 3
-
-
 def test_importances_degrade_to_a_note() -> None:
-    spec = parse(SEARCH, Path("x.yaml"))
+    spec = parse(SEARCH, Path("search_t.yaml"))
     one = pd.DataFrame({"model.window": [4], "loss.cts_weight": [1e-3], "ap": [0.5]})
     values, note = report.param_importances(spec, one, "ap")
     assert values == {} and "at least 2" in note
     flat = pd.DataFrame({"model.window": [4, 8, 16], "loss.cts_weight": [1e-3, 1e-2, 1e-1], "ap": [0.5] * 3})
     values, note = report.param_importances(spec, flat, "ap")
     assert values == {} and "could not be computed" in note
-    single = parse({**SEARCH, "space": {"model.window": {"choice": [4, 8]}}}, Path("x.yaml"))
+    single = parse({**SEARCH, "space": {"model.window": {"choice": [4, 8]}}}, Path("search_t.yaml"))
     values, note = report.param_importances(single, one, "ap")
     assert values == {} and "single searched parameter" in note
 
@@ -287,7 +274,7 @@ def test_missing_experiment_or_no_finished_trials(name: str, store: dict[str, st
     assert report.main([target, "--tracking-uri", store["uri"], "--out", str(out)]) != 0
     assert not out.exists()
     err = capsys.readouterr().err
-    assert ("no MLflow experiment 'ablation_lgt'" if name == "ablation_lgt" else "no FINISHED trial runs") in err
+    assert ("no MLflow experiment 'ablation_lgt'" if name == "ablation_lgt" else "with a FINISHED trial") in err
 
 
 def test_unknown_study_and_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -312,3 +299,21 @@ def test_main_prints_table_and_paths(store: dict[str, str], tmp_path: Path, caps
     assert report.main([str(spec_path), "--tracking-uri", store["uri"], "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out
     assert "LGT-Adapter (full)" in printed and "wrote" in printed and "ablation_t.md" in printed
+
+
+def test_search_ranks_by_the_validation_metric_it_optimised(store: dict[str, str], tmp_path: Path) -> None:
+    c = MlflowClient(tracking_uri=store["uri"])
+    exp = c.create_experiment("search_v", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = _parent(c, exp, "search_v", "search", "FINISHED", int(time.time() * 1000))
+    # (window, test ap, validation ap of the selected checkpoint): the best on test is the worst on validation
+    for i, (window, ap, val_ap) in enumerate([(4, 0.90, 0.60), (8, 0.70, 0.95), (16, 0.80, 0.75)]):
+        _trial(c, exp, parent, "search", i, {**_final(0.9, ap, 0.6, 20.0), "val/ap": val_ap},
+               {"model.window": window, "loss.cts_weight": 1e-3})
+    spec = parse({**SEARCH, "name": "search_v"}, Path("search_v.yaml"))
+    files = report.build_report(spec, store["uri"], tmp_path)
+    assert list(files.table["model.window"]) == [8, 16, 4]  # by validation AP, not test AP
+    assert list(files.table["val_ap"]) == [0.95, 0.75, 0.60] and list(files.table["ap"]) == [0.70, 0.80, 0.90]
+    header = files.text.splitlines()[0]
+    assert "AP (val, ranked)" in header and "AP (test)" in header
+    assert "Ranked by the validation AP" in files.md.read_text()
+    assert files.summary == {"best": {"auc": 0.9, "ap": 0.70, "ano_auc": 0.6, "map_avg": 20.0, "val_ap": 0.95}}

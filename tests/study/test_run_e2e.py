@@ -91,8 +91,8 @@ def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
     cmd = [sys.executable, "-m", "study.run", str(spec_path), "--max-epochs", "2", "--seeds", "3",
            "--num-cpus", "1"]
     uri = f"sqlite:///{tmp_path / 'studies.db'}"  # not the default: --resume must find it on its own
-    proc = subprocess.Popen([*cmd, "--tracking-uri", uri], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, "--tracking-uri", uri], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     finished = 0
     while time.time() < deadline and proc.poll() is None:
@@ -109,7 +109,17 @@ def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
             break
     assert proc.poll() is None, "the study finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    out, err = proc.communicate(timeout=120)
+    # interrupted: exit 130, no report, the parent left KILLED for --resume, the command to continue printed
+    assert proc.returncode == 130, err[-3000:]
+    assert "tiny_resume.yaml --resume" in err and "no report written" in err
+    assert not (tmp_path / "reports").exists()
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name("tiny_resume")
+    parents = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'parent'")
+    assert list(parents["status"]) == ["KILLED"]
+    runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
+    assert "tags.stopped_early" not in runs or runs["tags.stopped_early"].isna().all()  # not a scheduler decision
     resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -118,6 +128,10 @@ def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
     runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
     assert len(runs) == 6 and runs["tags.trial_id"].nunique() == 6
     assert set(runs["status"]) == {"FINISHED"}
+    assert "tags.stopped_early" not in runs or runs["tags.stopped_early"].isna().all()
+    assert "tags.interrupted" not in runs or runs["tags.interrupted"].isna().all()
+    parents = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'parent'")
+    assert list(parents["status"]) == ["FINISHED"]
     assert not (tmp_path / "mlruns.db").exists()
 
 
@@ -127,3 +141,36 @@ def test_every_study_yaml_loads_and_dry_runs(name, capsys, tmp_path):
     assert out["dry_run"] and len(out["trials"]) >= 1
     assert f"study {name}" in capsys.readouterr().out
     assert not (tmp_path / "mlruns.db").exists()  # a dry run writes nothing
+
+
+def test_trial_failing_before_its_run_exists_counts_as_failed(tmp_path, ray_local):
+    spec_path = tiny_spec(tmp_path, "tiny_early_failure")
+    out = run_study(str(spec_path), RunOptions(max_epochs=1, seeds=1, project=tmp_path, verbose=0,
+                                               fail_at_epoch={"none": 0}))  # 0: before the MLflow child
+    assert out["failed"] == 1
+    runs = children(out["tracking_uri"], "tiny_early_failure", out["parent_run_id"])
+    status = dict(zip(runs["tags.variant"], runs["status"]))
+    assert status == {"none": "FAILED", "LGT": "FINISHED"}
+    failed = runs[runs["status"] == "FAILED"].iloc[0]
+    assert "injected failure" in failed["tags.error"] and failed["tags.seed"] == "234"
+    assert out["report"].table.loc["none", "failed"] == 1
+    assert "Failed trials (status FAILED): 1 of 2" in out["report"].md.read_text()
+
+
+def test_cli_prints_a_short_log_and_an_honest_report(tmp_path):
+    spec_path = tiny_spec(tmp_path, "tiny_cli")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "study.run", str(spec_path), "--max-epochs", "1", "--seeds", "1",
+                           "--num-cpus", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) < 45, "\n".join(lines)
+    assert "Trial status" not in proc.stdout and "Checkpoint successfully created" not in proc.stdout + proc.stderr
+    assert proc.stderr.count("RANDOM weights") == 1  # the banner once per study, not per trial
+    assert sum("trials ended" in line for line in lines) >= 1  # the progress line
+    md = tmp_path / "reports" / "tiny_cli.md"
+    text = md.read_text()
+    assert "synthetic data: the paper's values are for the real dataset" in text
+    assert "Seeds: 1 per variant planned; 1 seen (234)" in text
+    assert str(tmp_path) not in text and "sqlite:///mlruns.db" in text  # no machine path
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "reports").iterdir())

@@ -99,7 +99,8 @@ def _item_length(files: Sequence[str], dim: int, pool_length: int | None) -> int
 
 class DiskFeatureBank:
     """Same interface as `FeatureBank`, but every access np.loads (and averages / pools) the files,
-    the authors' behaviour (`data.in_memory = False`). Lengths come from the .npy headers."""
+    the authors' behaviour (`data.in_memory = False`). Lengths come from the .npy headers; values (finite)
+    are checked at each read, so a bad file is named when first drawn, not at construction."""
 
     def __init__(self, files: Sequence[Sequence[str | Path]], dim: int, pool_length: int | None = None,
                  lengths: np.ndarray | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vadclip.errors import VadClipError
 
-class DataError(ValueError):
+
+class DataError(VadClipError, ValueError):
     """Bad or missing data; the message names the file (and row) and what was expected."""

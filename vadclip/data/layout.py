@@ -137,7 +137,20 @@ def load_features(path: str | Path, dim: int) -> np.ndarray:
     if not isinstance(arr, np.ndarray):  # an .npz archive
         raise DataError(f"{path}: not a single .npy array; expected a float array of shape (T, {dim})")
     _check_array(arr, path, dim)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+        x = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(x).all():  # NaN / inf would surface epochs later as a loss error naming no file
+        _raise_non_finite(arr, x, path)
+    return x
+
+
+def _raise_non_finite(arr: np.ndarray, x: np.ndarray, path: Path) -> None:
+    bad_rows = ~np.isfinite(x).all(axis=1)
+    row = int(np.argmax(bad_rows))
+    col = int(np.argmax(~np.isfinite(x[row])))
+    raise DataError(f"{path}: snippet {row} has non-finite feature value {float(arr[row, col])!r} (column {col}; "
+                    f"{int(bad_rows.sum())} of {len(x)} snippets affected); expected finite float32 values "
+                    f"(re-extract this video)")
 
 
 def feature_shape(path: str | Path, dim: int) -> tuple[int, int]:
@@ -193,6 +206,11 @@ def read_ground_truth(lists_dir: str | Path, style: str
     if frame_gt.dtype == object:
         raise DataError(f"{gt_path}: frame-level ground truth is an object array; expected a float 0/1 array")
     frame_gt = np.asarray(frame_gt, dtype=np.float32).reshape(-1)
+    binary = (frame_gt == 0) | (frame_gt == 1)  # anything else makes AUC / AP silently nan
+    if not binary.all():
+        i = int(np.argmin(binary))
+        raise DataError(f"{gt_path}: frame {i} has label {float(frame_gt[i])!r} ({int((~binary).sum())} non-0/1 "
+                        f"frames); expected only 0/1 frame labels")
     raw_segments = _load_object(seg_path, "segment ground truth")
     raw_labels = _load_object(lab_path, "segment labels")
     if len(raw_segments) != len(raw_labels):

@@ -20,13 +20,29 @@ RANDOM_WEIGHTS_WARNING = (
     "\n" + "!" * 78 + "\n"
     "!! No CLIP weights given (--clip-weights PATH): CLIP {model} has RANDOM weights.\n"
     "!! The text encoder then carries no language prior, so A-branch numbers are\n"
-    "!! meaningless for real data. Pass a local open_clip or OpenAI ViT-B/16 checkpoint.\n"
+    "!! meaningless for real data. Pass a local OpenAI ViT-B/16 checkpoint\n"
+    "!! (with clip.model ViT-B-16-quickgelu, the default of the ucf and xd presets).\n"
+    + "!" * 78
+)
+
+
+OPENAI_INTO_GELU_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! CLIP checkpoint {weights} looks like OpenAI's weights,\n"
+    "!! but CLIP {model} uses exact GELU. OpenAI's CLIP (the authors' ViT-B/16) was\n"
+    "!! trained with QuickGELU: in a GELU tower its image and text features are wrong.\n"
+    "!! Use clip.model=ViT-B-16-quickgelu (vadclip.extract: --clip-model ViT-B-16-quickgelu),\n"
+    "!! or the `-quickgelu` variant of your model.\n"
     + "!" * 78
 )
 
 
 class ClipWeightsWarning(UserWarning):
     """CLIP runs with random weights."""
+
+
+class ClipActivationWarning(UserWarning):
+    """OpenAI CLIP weights were loaded into a model with exact GELU instead of QuickGELU."""
 
 
 def is_openai_checkpoint(path: str | Path) -> bool:
@@ -36,6 +52,26 @@ def is_openai_checkpoint(path: str | Path) -> bool:
         return False
     with zipfile.ZipFile(path) as zf:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def looks_like_openai_weights(path: str | Path) -> bool:
+    """Whether a checkpoint holds OpenAI's weights, judged only by what the caller can see.
+
+    OpenAI's own release (`ViT-B-16.pt`) is a TorchScript archive: certain. A state dict converted from
+    it has exactly open_clip's keys and shapes, so nothing inside tells it apart; then the name decides
+    (case-insensitive): the file name contains `openai` (e.g. `openai_ViT-B-16.pt`), or the file sits in
+    a Hugging Face cache folder of an `openai` model (open_clip's own download of its `openai` pretrained
+    tag: `.../models--timm--vit_base_patch16_clip_224.openai/snapshots/<hash>/open_clip_model.safetensors`).
+    Other folder names do not count (`~/openai_runs/laion.pt` is not OpenAI's).
+    """
+    path = Path(path)
+    hf_repo = any(part.startswith("models--") and "openai" in part.lower() for part in path.parts)
+    return is_openai_checkpoint(path) or "openai" in path.name.lower() or hf_repo
+
+
+def uses_quick_gelu(clip: nn.Module) -> bool:
+    """Whether the built model's transformers use QuickGELU (OpenAI's activation) rather than GELU."""
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in clip.modules())
 
 
 def resolve_model_name(model: str, weights: str | None) -> str:
@@ -54,13 +90,21 @@ def _openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def warn_random_weights(model: str) -> None:
+    """The loud banner, once per call site (a study driver shows it once for all its trials)."""
+    warnings.warn(RANDOM_WEIGHTS_WARNING.format(model=model), ClipWeightsWarning, stacklevel=3)
+
+
 def create_clip(model: str, weights: str | None = None, embed_dim: int | None = None,
                 device: str | torch.device = "cpu") -> nn.Module:
     """Build an open_clip CLIP model, frozen, in eval mode.
 
     `weights`: a local checkpoint (open_clip state dict, safetensors, or OpenAI's TorchScript file);
-    None gives random weights and a loud warning. `embed_dim` may resize the output width of configs
-    shipped here (`vadclip-tiny`) so that small test models match small feature widths.
+    None gives random weights and a loud warning. OpenAI's weights (see `looks_like_openai_weights`)
+    loaded into a GELU model (`ViT-B-16` instead of `ViT-B-16-quickgelu`) give a loud warning, except
+    OpenAI's TorchScript file with `ViT-B-16`, which builds `ViT-B-16-quickgelu` instead. `embed_dim`
+    may resize the output width of configs shipped here (`vadclip-tiny`) so that small test models
+    match small feature widths.
     """
     if model not in open_clip.list_models():
         raise ValueError(f"clip.model: unknown CLIP model {model!r}; e.g. ViT-B-16, ViT-B-16-quickgelu, "
@@ -77,13 +121,16 @@ def create_clip(model: str, weights: str | None = None, embed_dim: int | None = 
     else:
         clip = open_clip.create_model(name, pretrained=None, pretrained_text=False)
     if weights is None:
-        message = RANDOM_WEIGHTS_WARNING.format(model=name)
-        log.warning(message)
-        warnings.warn(message, ClipWeightsWarning, stacklevel=2)
-    elif is_openai_checkpoint(weights):
-        clip.load_state_dict(_openai_state_dict(Path(weights)))
+        warn_random_weights(name)
     else:
-        open_clip.load_checkpoint(clip, weights)
+        if is_openai_checkpoint(weights):
+            clip.load_state_dict(_openai_state_dict(Path(weights)))
+        else:
+            open_clip.load_checkpoint(clip, weights)
+        if looks_like_openai_weights(weights) and not uses_quick_gelu(clip):
+            message = OPENAI_INTO_GELU_WARNING.format(weights=weights, model=name)
+            log.warning(message)
+            warnings.warn(message, ClipActivationWarning, stacklevel=2)
     if embed_dim is not None and clip.text_projection is not None and clip.text_projection.shape[-1] != embed_dim:
         raise ValueError(f"CLIP {name} outputs {clip.text_projection.shape[-1]}-d embeddings but "
                          f"model.embed_dim is {embed_dim}")
