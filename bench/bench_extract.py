@@ -24,6 +24,7 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vadclip.data.conventions import SNIPPET_FRAMES  # noqa: E402
 from vadclip.extract import Preprocess, encode_video, load_clip  # noqa: E402
 
 # (model, crops, snippet, frames on cpu, frames on cuda); None: not run there. ViT-B-16 encodes ~2 images/s
@@ -69,8 +70,8 @@ def write_video(path: Path, n_frames: int, width: int = 320, height: int = 240) 
 
 
 def images_encoded(frames: int, crops: int, snippet: str) -> int:
-    per_snippet = 16 if snippet == "mean" else 1
-    full, rest = divmod(frames, 16)
+    per_snippet = SNIPPET_FRAMES if snippet == "mean" else 1
+    full, rest = divmod(frames, SNIPPET_FRAMES)
     return crops * (full * per_snippet + (min(rest, per_snippet) if rest else 0))
 
 
@@ -86,7 +87,7 @@ def run_case(video: Path, model: torch.nn.Module, device: torch.device, name: st
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    assert feats.shape[:2] == (crops, -(-frames // 16)), feats.shape
+    assert feats.shape[:2] == (crops, -(-frames // SNIPPET_FRAMES)), feats.shape
     return Row(name, device.type, crops, snippet, frames, images_encoded(frames, crops, snippet), seconds)
 
 

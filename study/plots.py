@@ -14,11 +14,13 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from vadclip.data.conventions import SNIPPET_FRAMES
+
 matplotlib.use("Agg")  # files only, also on a machine with a display
 
 
 def score_curves(scores: list[np.ndarray], frame_gt: np.ndarray, names: list[str], path: Path,
-                 max_videos: int = 4, snippet_frames: int = 16) -> Path:
+                 max_videos: int = 4, snippet_frames: int = SNIPPET_FRAMES) -> Path:
     """Blue: frame anomaly score; pink: ground-truth abnormal frames. Picks abnormal videos first."""
     starts = np.concatenate([[0], np.cumsum([len(s) * snippet_frames for s in scores])])
     gts = [frame_gt[starts[i]:starts[i + 1]] for i in range(len(scores))]

@@ -46,7 +46,8 @@ class StudyProgress(Callback):
 
     # ---------------------------------------------------------------- Tune hooks
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
+              **info: Any) -> None:
         """Runs after Tune installed its SIGINT handler (graceful stop): note the signal, then let Tune act."""
         if threading.current_thread() is not threading.main_thread():
             return

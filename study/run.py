@@ -24,7 +24,6 @@ from study.tracking import (
     default_tracking_uri,
     ensure_experiment,
     log_artifacts,
-    metric_key,
     reopen,
     set_status,
     start_parent,
@@ -33,6 +32,7 @@ from study.tracking import (
 from vadclip.cli import Override, add_config_flags, flag_overrides, infer_dataset, positive_int
 from vadclip.config import VadClipConfig, flatten
 from vadclip.errors import VadClipError
+from vadclip.metrics import mlflow_key
 
 STATE_DIR = ".study_state"  # per-project pointers to the latest resumable invocation of each study
 EXIT_FAILED_TRIALS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -167,11 +167,30 @@ def _start_ray(opts: RunOptions) -> None:
 
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": opts.verbose >= 1, "logging_level": logging.INFO if opts.verbose else logging.ERROR}
+    # quiet by default: the trials' output (banners, checkpoint lines) stays in their logs; -v shows it
+    log_to_driver, level = opts.verbose >= 1, logging.INFO if opts.verbose else logging.ERROR
     if opts.address:
-        ray.init(address=opts.address, **quiet)
+        ray.init(address=opts.address, log_to_driver=log_to_driver, logging_level=level)
     else:
-        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=log_to_driver,
+                 logging_level=level)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """Where one invocation of a study logs and checkpoints (a resumed one: where it started)."""
+
+    uri: str
+    experiment_id: str
+    parent_id: str
+    run_name: str
+    storage: str
+    tags: dict[str, str]
+    state_file: Path
+
+    def state(self) -> dict[str, str]:
+        return {"run_name": self.run_name, "parent_run_id": self.parent_id, "storage": self.storage,
+                "experiment_id": self.experiment_id, "tracking_uri": self.uri}
 
 
 def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
@@ -185,8 +204,8 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
         print_plan(spec, p)
         return {"dry_run": True, "trials": p.trials}
     state_file = _state_path(opts, spec.name)
-    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if opts.resume and previous is None:
+    previous: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if opts.resume and not previous:
         raise StudyError(f"--resume: no earlier run of {spec.name} recorded in {state_file}")
     # a resumed study goes on logging where it started unless told otherwise
     uri = opts.tracking_uri or (previous["tracking_uri"] if opts.resume else default_tracking_uri(opts.project))
@@ -197,7 +216,6 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     check_storage(storage)
     check_address(opts.address)
 
-    from study.trainable import TrialContext, train_trial
     from vadclip.data import load_dataset
     from vadclip.model.clip import RANDOM_WEIGHTS_WARNING
 
@@ -221,9 +239,9 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
         parent_id = start_parent(uri, experiment_id, run_name, tags,
                                  {"study.trials": len(p.trials), "study.seeds": len(p.seeds), **flatten(p.base)})
         client(uri).log_text(parent_id, spec.text(), f"{spec.name}.yaml")
+    invocation = Invocation(uri, experiment_id, parent_id, run_name, storage, tags, state_file)
     try:
-        return _tune(spec, opts, p, data, uri, experiment_id, parent_id, run_name, storage, tags, state_file,
-                     TrialContext, train_trial)
+        return _tune(spec, opts, p, data, invocation)
     except StudyInterrupted:
         set_status(uri, parent_id, "KILLED")  # --resume continues it
         raise
@@ -232,11 +250,11 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
         raise
 
 
-def _tune(spec, opts, p, data, uri, experiment_id, parent_id, run_name, storage, tags, state_file,
-          TrialContext, train_trial) -> dict[str, Any]:
+def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation) -> dict[str, Any]:
+    """Tune's part: trials, then the failure accounting, the report and the parent's summary."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+    from ray.tune.search import ConcurrencyLimiter, Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     from study.plots import write_html_report
@@ -249,59 +267,68 @@ def _tune(spec, opts, p, data, uri, experiment_id, parent_id, run_name, storage,
         tune_failures,
         unfinished_trials,
     )
+    from study.trainable import TrialContext, train_trial
+
+    uri, experiment_id, parent_id = inv.uri, inv.experiment_id, inv.parent_id
 
     base = p.base
     ctx = TrialContext(study=spec.name, base=base, rows=p.resolved.rows, tracking_uri=uri,
-                       experiment_id=experiment_id, parent_run_id=parent_id, tags=tags,
+                       experiment_id=experiment_id, parent_run_id=parent_id, tags=inv.tags,
                        cpus_per_trial=spec.resources["cpu"], fail_at_epoch=dict(opts.fail_at_epoch))
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, ctx=ctx), spec.resources)
-    metric = metric_key(f"{base.eval.selection}/{p.metric}")
+    metric = mlflow_key(f"{base.eval.selection}/{p.metric}")
     progress = StudyProgress(spec.name, len(p.trials), metric, p.metric)
     run_config = tune.RunConfig(
-        name=run_name, storage_path=storage, verbose=opts.verbose, callbacks=[progress],
+        name=inv.run_name, storage_path=inv.storage, verbose=opts.verbose, callbacks=[progress],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    path = f"{storage.rstrip('/')}/{run_name}"
+    path = f"{inv.storage.rstrip('/')}/{inv.run_name}"
     if opts.resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=None)
+        assert tuner._local_tuner is not None  # a local (not Ray Client) tuner
         restored = tuner._local_tuner.get_run_config()  # the pickled one: this driver's callback and verbosity
         restored.callbacks, restored.verbose = [progress], opts.verbose
     else:
-        names = dict(trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id)
+        def trial_id(trial: Any) -> str:
+            return trial.trial_id
+
+        param_space: dict[str, Any]
         if spec.kind == "ablation":
             param_space = {"variant": tune.grid_search([v.name for v in spec.variants]),
                            "seed": tune.grid_search(p.seeds)}
-            tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None, **names)
+            tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,
+                                          trial_dirname_creator=trial_id, trial_name_creator=trial_id)
         else:
             param_space = {"seed": p.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
-            searcher = OptunaSearch(metric=metric, mode="max", seed=p.seeds[0])
+            searcher: Searcher = OptunaSearch(metric=metric, mode="max", seed=p.seeds[0])
             if spec.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
             # max_t past the last epoch: ASHA stops only losers, a trial that trains to the end finishes itself
-            scheduler = (ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max",
-                                       max_t=base.optim.epochs + 1, grace_period=spec.scheduler.get("grace_period", 1),
-                                       reduction_factor=spec.scheduler.get("reduction_factor", 2))
-                         if spec.scheduler["type"] == "asha" else FIFOScheduler())
+            scheduler: TrialScheduler = (
+                ASHAScheduler(time_attr="training_iteration", metric=metric, mode="max",
+                              max_t=base.optim.epochs + 1, grace_period=spec.scheduler.get("grace_period", 1),
+                              reduction_factor=spec.scheduler.get("reduction_factor", 2))
+                if spec.scheduler["type"] == "asha" else FIFOScheduler())
             tune_config = tune.TuneConfig(num_samples=len(p.trials), search_alg=searcher, scheduler=scheduler,
-                                          **names)
+                                          trial_dirname_creator=trial_id, trial_name_creator=trial_id)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     # from here on this invocation is the one --resume continues
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"run_name": run_name, "parent_run_id": parent_id, "storage": storage,
-                                      "experiment_id": experiment_id, "tracking_uri": uri}))
+    inv.state_file.parent.mkdir(parents=True, exist_ok=True)
+    inv.state_file.write_text(json.dumps(inv.state()))
+    results: Any = []
     try:
         with _environment({"RAY_AIR_NEW_OUTPUT": "0"} if not opts.verbose else {}):
             results = tuner.fit()  # quiet: Tune's new output engine prints its boxes even at verbose=0
     except KeyboardInterrupt:  # a second Ctrl-C skips Tune's own graceful stop
-        progress.final_states, results = {}, []
+        progress.final_states = {}
     if progress.interrupted:  # Tune returns normally after a Ctrl-C
         mark_interrupted_children(uri, experiment_id, parent_id, unfinished_trials(results))
         raise StudyInterrupted(f"study {spec.name} interrupted: {progress.line()}; no report written. "
                                f"Continue it with: {resume_command(spec)}")
     failures = tune_failures(results)
-    record_failed_trials(uri, experiment_id, parent_id, failures, tags)  # also those that failed before their run
+    record_failed_trials(uri, experiment_id, parent_id, failures, inv.tags)  # also those failing before their run
     stopped = close_unfinished_children(uri, experiment_id, parent_id, failures)
     reports = Path(opts.reports_dir or opts.project / "reports")
     files = build_report(spec, uri, reports, parent_run_id=parent_id)

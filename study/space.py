@@ -51,8 +51,9 @@ class Domain:
             raise SpaceError(f"{kind} needs a non-empty list, got {args!r}")
         if kind == "choice":
             return cls(key, kind, tuple(_coerce(key, v) for v in args))
-        if choices(key) is not None:
-            raise SpaceError(f"{key} takes one of {list(choices(key))}; use choice, not {kind}")
+        allowed = choices(key)
+        if allowed is not None:
+            raise SpaceError(f"{key} takes one of {list(allowed)}; use choice, not {kind}")
         need = 3 if kind == "quniform" else 2
         if len(args) != need or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
             raise SpaceError(f"{kind} needs {need} numbers, got {args!r}")

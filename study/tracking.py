@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from vadclip.errors import VadClipError
+from vadclip.metrics import mlflow_key
 
 T = TypeVar("T")
 PARENT, TRIAL = "parent", "trial"
@@ -41,11 +42,6 @@ class TrackingError(VadClipError, RuntimeError):
 
 def default_tracking_uri(project: Path) -> str:
     return f"sqlite:///{(project / 'mlruns.db').resolve()}"
-
-
-def metric_key(name: str) -> str:
-    """MLflow metric names allow no '@': `map@0.1` -> `map_iou0.1`."""
-    return name.replace("@", "_iou")
 
 
 def code_version() -> str:
@@ -162,7 +158,9 @@ def log_parent_summary(uri: str, parent_id: str, summary: Mapping[str, Mapping[s
     `<prefix>/<row>/<metric>` (e.g. `mean/LGT-Adapter/ap`; prefix "" -> `best/ap`), names made MLflow-safe.
     Idempotent: a value equal to the one logged already is not logged again (a changed one is, at step 0).
     Non-finite values are skipped. Returns every key with its value."""
-    c, keys, rows = client(uri), {}, {}
+    c = client(uri)
+    keys: dict[str, float] = {}
+    rows: dict[str, str] = {}  # MLflow-safe name -> row
     for row, metrics in summary.items():
         base = safe_key(row)
         name, n = base, 1
@@ -173,7 +171,7 @@ def log_parent_summary(uri: str, parent_id: str, summary: Mapping[str, Mapping[s
         for metric, value in metrics.items():
             if value is None or not math.isfinite(float(value)):
                 continue
-            parts = [prefix, name, *(safe_key(p) for p in metric_key(metric).split("/"))]
+            parts = [prefix, name, *(safe_key(p) for p in mlflow_key(metric).split("/"))]
             keys["/".join(p for p in parts if p)] = float(value)
     logged = retry(c.get_run, parent_id).data.metrics
     now = int(time.time() * 1000)
@@ -397,7 +395,7 @@ class TrialRun:
         if epoch in self.logged_epochs:
             return
         now = int(time.time() * 1000)
-        items = [Metric(metric_key(k), float(v), now, epoch) for k, v in metrics.items() if v == v]
+        items = [Metric(mlflow_key(k), float(v), now, epoch) for k, v in metrics.items() if v == v]
         items.append(Metric("epoch", float(epoch), now, epoch))
         for i in range(0, len(items), 1000):
             retry(self.c.log_batch, self.run_id, metrics=items[i:i + 1000])
@@ -413,7 +411,7 @@ class TrialRun:
         if self.final_logged:
             return
         now = int(time.time() * 1000)
-        items = [Metric(f"final/{metric_key(k)}", float(v), now, step) for k, v in metrics.items() if v == v]
+        items = [Metric(f"final/{mlflow_key(k)}", float(v), now, step) for k, v in metrics.items() if v == v]
         retry(self.c.log_batch, self.run_id, metrics=items)
         self.final_logged = True
 

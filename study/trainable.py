@@ -15,10 +15,11 @@ from ray import tune
 
 from study.plots import score_curves
 from study.spec import apply_trial
-from study.tracking import TrialRun, child_run_name, metric_key
+from study.tracking import TrialRun, child_run_name
 from vadclip.config import VadClipConfig, apply_overrides, flatten
 from vadclip.data import VadDataset
 from vadclip.evaluate import branch_scores
+from vadclip.metrics import mlflow_key
 from vadclip.train import CHECKPOINT_LAST, EpochRecord, fit, load_checkpoint
 
 
@@ -97,7 +98,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         if ctx.fail_at_epoch.get(variant) == record.epoch:
             raise InjectedFailure(f"injected failure in {variant!r} at epoch {record.epoch}")
         run.log_epoch(record.epoch, record.metrics)
-        metrics = {metric_key(k): v for k, v in record.metrics.items()}
+        metrics = {mlflow_key(k): v for k, v in record.metrics.items()}
         nonlocal reporting
         reporting = True
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(record.out_dir)))
@@ -110,7 +111,10 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
                        **{f"val/{k}": v for k, v in result.metrics["val"].items()}}, step=cfg.optim.epochs)
         run.log_artifact(out_dir / "config.json")
         run.log_artifact(out_dir / "metrics.json")
-        chosen = "a" if result.metrics["test"].get("branch_is_a") else "c"  # also right for score_branch 'best'
+        chosen = result.metrics["test_branch"]  # also right for score_branch 'best'
+        run.set_tags({"test_branch": chosen})
+        if result.test_predictions is None:  # fit always evaluates data.test
+            raise RuntimeError("fit returned no test predictions")
         scores = branch_scores(result.test_predictions).get(chosen)
         if data.test.frame_gt is not None and scores is not None:
             run.log_artifact(score_curves(scores, data.test.frame_gt, data.test.names, out_dir / "scores.png",

@@ -2,7 +2,17 @@ import math
 
 import pytest
 
-from vadclip.config import ClipConfig, ConfigError, apply_overrides, flatten, from_flat, preset
+from vadclip.config import (
+    BRANCHES,
+    TEMPORAL,
+    ClipConfig,
+    ConfigError,
+    apply_overrides,
+    choices,
+    flatten,
+    from_flat,
+    preset,
+)
 
 
 def test_presets_and_variants():
@@ -40,6 +50,12 @@ def test_bad_values_name_the_key_and_allowed_values(key, value, needle):
     with pytest.raises(ConfigError) as err:
         preset("xd", overrides={key: value})
     assert needle in str(err.value)
+
+
+def test_literal_fields_list_their_choices():
+    assert TEMPORAL == ("none", "local", "global_tf", "gcn", "local+gcn", "global_tf+gcn", "local+global_tf")
+    assert choices("model.temporal") == TEMPORAL and choices("model.branches") == BRANCHES == ("c", "a", "c+a")
+    assert choices("eval.map_protocol") == ("official", "paper") and choices("model.window") is None
 
 
 def test_cli_strings_are_coerced():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vadclip.config import ConfigError
-from vadclip.data.layout import list_files
+from vadclip.data.conventions import list_files
 from vadclip.errors import VadClipError
 
 DATA_STYLES = ("ucf", "xd")  # real datasets, recognised by their official list file names

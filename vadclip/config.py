@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from vadclip.errors import VadClipError
 
-TEMPORAL = ("none", "local", "global_tf", "gcn", "local+gcn", "global_tf+gcn", "local+global_tf")
-BRANCHES = ("c", "a", "c+a")
+Temporal = Literal["none", "local", "global_tf", "gcn", "local+gcn", "global_tf+gcn", "local+global_tf"]
+Branches = Literal["c", "a", "c+a"]
+TEMPORAL: tuple[str, ...] = typing.get_args(Temporal)
+BRANCHES: tuple[str, ...] = typing.get_args(Branches)
 
 
 class ConfigError(VadClipError, ValueError):
@@ -37,8 +39,8 @@ class ClipConfig:
 class ModelConfig:
     embed_dim: int = 512  # d: CLIP feature width
     visual_length: int = 256  # snippets per training sample / test chunk
-    temporal: Literal[TEMPORAL] = "local+gcn"  # Table 5 rows; local+gcn = LGT-Adapter
-    branches: Literal[BRANCHES] = "c+a"  # Table 6
+    temporal: Temporal = "local+gcn"  # Table 5 rows; local+gcn = LGT-Adapter
+    branches: Branches = "c+a"  # Table 6
     # Local module (local transformer encoder)
     local_layers: int = 1  # code: UCF 2, XD 1; paper: "a transformer encoder layer"
     heads: int = 1
@@ -263,9 +265,7 @@ def choices(path: str) -> tuple[str, ...] | None:
     """Allowed values of a Literal field, else None."""
     tp = field_type(path)
     if typing.get_origin(tp) is Literal:
-        args = typing.get_args(tp)
-        # Literal[TEMPORAL] stores the tuple itself as its single argument
-        return tuple(args[0]) if len(args) == 1 and isinstance(args[0], tuple) else tuple(args)
+        return typing.get_args(tp)
     return None
 
 
@@ -371,9 +371,9 @@ def validate(cfg: VadClipConfig) -> None:
                 "model.heads": m.heads, "model.mlp_ratio": m.mlp_ratio,
                 "model.window": m.window, "optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
                 "loss.topk_divisor": loss.topk_divisor}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, n in positive.items():
+        if n < 1:
+            raise ConfigError(f"{key} must be >= 1, got {n}")
     for key, value in {"model.sigma": m.sigma, "model.temperature": m.temperature}.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")

@@ -31,10 +31,10 @@ def predict(model: VadCLIP, videos: EvalSet, length: int, device: torch.device |
     model.eval()
     chunks, owners, lengths = [], [], []
     for i in range(len(videos.features)):
-        c, n = split_chunks(videos.features[i], length)
+        c, c_lengths = split_chunks(videos.features[i], length)
         chunks.append(c)
         owners += [i] * len(c)
-        lengths.append(n)
+        lengths.append(c_lengths)
     owners_arr = np.asarray(owners)
     outputs: dict[str, list[np.ndarray]] = {"c": [], "a": []}
     t_out = model.encode_classes() if batched else None
@@ -70,10 +70,16 @@ def branch_scores(preds: Predictions) -> dict[str, list[np.ndarray]]:
     return {b: s for b, s in (("c", preds.c_scores), ("a", preds.a_scores)) if s is not None}
 
 
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]  # both branches' (`c_auc`, `a_ap`, ...), the chosen one's unprefixed, mAP
+    predictions: Predictions
+    branch: str  # the branch whose scores the unprefixed metrics are: "c" or "a"
+
+
 def evaluate(model: VadCLIP, videos: EvalSet, class_codes: list[str], *, length: int,
              device: torch.device | str, score_branch: str, selection_metric: str,
-             map_protocol: str = "official", topk_divisor: int = 16,
-             batched: bool = True) -> tuple[dict[str, float], Predictions]:
+             map_protocol: str = "official", topk_divisor: int = 16, batched: bool = True) -> Evaluation:
     """Metrics of both branches (`c_auc`, `a_ap`, ...), the chosen branch's without prefix, and the
     fine-grained mAP of the A-branch. Sets without frame ground truth (validation) get
     video-level AUC/AP of the mean top-k snippet score."""
@@ -91,8 +97,9 @@ def evaluate(model: VadCLIP, videos: EvalSet, class_codes: list[str], *, length:
         chosen = max(available, key=lambda b: np.nan_to_num(metrics[f"{b}_{selection_metric}"], nan=-1))
     for key in [k for k in metrics if k.startswith(f"{chosen}_")]:
         metrics[key[2:]] = metrics[key]
-    metrics["branch_is_a"] = float(chosen == "a")
     if preds.class_probs is not None and videos.segments is not None:
+        if videos.segment_labels is None:  # the test sets are built with both or neither
+            raise ValueError("the evaluation set has gt segments but no segment labels")
         metrics.update(detection_map(preds.class_probs, videos.segments, videos.segment_labels,
                                      class_codes, protocol=map_protocol))
-    return metrics, preds
+    return Evaluation(metrics, preds, chosen)

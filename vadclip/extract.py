@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import logging
@@ -31,16 +30,18 @@ import torch
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 from torch import nn
-from torchvision.transforms import Normalize
+from torchvision.transforms import Compose, Normalize
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vadclip.data.conventions import CLASS_CODES, SNIPPET_FRAMES, crop_file_name, crop_glob
+from vadclip.device import resolve_device
+from vadclip.errors import VadClipError
 from vadclip.io import atomic_write, atomic_write_text
 from vadclip.model.clip import create_clip
 
 log = logging.getLogger("vadclip.extract")  # not "__main__" under python -m
 
-CLIP_LEN = 16  # frames per snippet; the frame-level gt convention is 16·T frames per video
 RESIZE_WH = (340, 256)  # authors' crop.py resizes every frame to 340×256 (W×H) before cropping
 CROP_SIZE = 224
 CROP_CHOICES = (10, 5, 1)
@@ -54,12 +55,13 @@ MANIFEST_NAME = "extract_config.json"
 RANDOM_WEIGHTS_SEED = 0  # random-weight runs are reproducible, so a resumed run matches the first one
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
                         ".3gp", ".ts"})
-NORMAL_LABELS = frozenset({"normal", "a"})  # UCF `Normal`, XD `A`: listed last, as in the authors' lists
+# The normal class codes, UCF `Normal` and XD `A`, in any case: listed last, as in the authors' lists.
+NORMAL_LABELS = frozenset(codes[0].lower() for codes in CLASS_CODES.values())
 
 T = TypeVar("T")
 
 
-class ExtractError(ValueError):
+class ExtractError(VadClipError, ValueError):
     """Bad input or options: one clear message, no extraction."""
 
 
@@ -113,8 +115,9 @@ def crop_frames(frame: np.ndarray, n_crops: int = DEFAULT_CROPS) -> list[np.ndar
 # ------------------------------------------------------------------------------------ preprocessing
 
 
-def clip_eval_transform(model: nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    """open_clip's eval transform for this model (resize bicubic, centre crop, model/OpenAI mean and std)."""
+def clip_eval_transform(model: nn.Module) -> Compose:
+    """open_clip's eval transform for this model (resize bicubic, centre crop, model/OpenAI mean and std):
+    a torchvision Compose, PIL image -> (3, H, W) float tensor."""
     cfg = open_clip.get_model_preprocess_cfg(model)
     return open_clip.image_transform(cfg.get("size", CROP_SIZE), is_train=False, mean=cfg.get("mean"),
                                      std=cfg.get("std"), resize_mode=cfg.get("resize_mode"),
@@ -175,7 +178,7 @@ def advertised_frames(container: av.container.InputContainer, stream: av.VideoSt
 
 def short_by_too_much(decoded: int, advertised: int) -> bool:
     """A snippet or 2% of slack: decoders may drop a few frames (B-frame delay, timestamp rounding)."""
-    return advertised - decoded > max(CLIP_LEN, advertised // 50)
+    return advertised - decoded > max(SNIPPET_FRAMES, advertised // 50)
 
 
 def iter_frames(path: Path) -> Iterator[av.VideoFrame]:
@@ -204,8 +207,8 @@ def frame_to_rgb(frame: av.VideoFrame, reformatter: VideoReformatter | None = No
     return rgb.to_ndarray()
 
 
-def snippets(frames: Iterable[T], clip_len: int = CLIP_LEN) -> Iterator[list[T]]:
-    """Consecutive groups of `clip_len` frames; the last partial group is kept (T = ceil(frames / 16))."""
+def snippets(frames: Iterable[T], clip_len: int = SNIPPET_FRAMES) -> Iterator[list[T]]:
+    """Consecutive groups of `clip_len` frames; the last partial group is kept (T = ceil(frames / clip_len))."""
     buf: list[T] = []
     for frame in frames:
         buf.append(frame)
@@ -356,7 +359,7 @@ class _SnippetMeans:
 
 
 @torch.inference_mode()
-def encode_video(path: Path, model: nn.Module, preprocess: Preprocess, *, crops: int, snippet: str,
+def encode_video(path: Path, model: open_clip.CLIP, preprocess: Preprocess, *, crops: int, snippet: str,
                  batch_size: int, on_frames: Callable[[int], None] | None = None) -> np.ndarray:
     """`(crops, T, D)` float32: raw `encode_image` output (never L2-normalised, as the authors'), one row
     per snippet, `mean` over its frames or its `middle` frame."""
@@ -383,7 +386,7 @@ class VideoJob:
     label: str
 
     def output(self, out_dir: Path, k: int) -> Path:
-        return out_dir / self.label / f"{self.name}__{k}.npy"
+        return out_dir / self.label / crop_file_name(self.name, k)
 
 
 def find_videos(videos_dir: Path) -> list[Path]:
@@ -476,7 +479,7 @@ def write_features(job: VideoJob, out_dir: Path, feats: np.ndarray) -> None:
 
 
 def remove_stray_temps(job: VideoJob, out_dir: Path) -> None:
-    for stray in (out_dir / job.label).glob(f".{glob.escape(job.name)}__*.npy.*.tmp"):
+    for stray in (out_dir / job.label).glob(f".{crop_glob(job.name)}.*.tmp"):  # vadclip.io.temp_name
         stray.unlink(missing_ok=True)
 
 
@@ -498,7 +501,7 @@ def write_list(jobs: Sequence[VideoJob], out_dir: Path, crops: int, path: Path) 
 
 def _manifest(clip_model: str, clip_weights: str | None, crops: int, snippet: str) -> dict[str, Any]:
     return {"clip_model": clip_model, "clip_weights": Path(clip_weights).name if clip_weights else None,
-            "crops": crops, "snippet": snippet, "clip_len": CLIP_LEN, "resize_wh": list(RESIZE_WH),
+            "crops": crops, "snippet": snippet, "clip_len": SNIPPET_FRAMES, "resize_wh": list(RESIZE_WH),
             "crop_size": CROP_SIZE}
 
 
@@ -545,18 +548,6 @@ class ExtractSummary:
         lines += [f"  FAILED {video}: {reason}" for video, reason in self.failed.items()]
         lines.append(f"list: {self.list_path}" if self.list_path else "list: not written (no video succeeded)")
         return "\n".join(lines)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ExtractError(f"device: {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractError(f"device: {name!r} asked for but CUDA is not available")
-    return device
 
 
 def load_clip(clip_model: str, clip_weights: str | None, device: torch.device) -> nn.Module:
@@ -670,8 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, choices=CROP_CHOICES, default=DEFAULT_CROPS,
                    help="10: centre, 4 corners and their flips; 5: no flips; 1: centre (default %(default)s)")
     p.add_argument("--snippet", choices=SNIPPET_CHOICES, default=DEFAULT_SNIPPET,
-                   help="one vector per 16 frames: mean of the frame embeddings or the middle frame's "
-                        "(default %(default)s)")
+                   help=f"one vector per {SNIPPET_FRAMES} frames: mean of the frame embeddings or the middle "
+                        "frame's (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images per CLIP forward pass (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
@@ -697,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  clip_weights=args.clip_weights, device=args.device, label_file=args.label_file,
                                  list_name=args.list_name, overwrite=args.overwrite,
                                  progress=not args.no_progress)
-    except ExtractError as exc:
+    except VadClipError as exc:  # ExtractError, DeviceError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.report(), file=sys.stderr if summary.failed else sys.stdout)

@@ -14,8 +14,8 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """`write` fills a binary file object; it lands at `path` whole or not at all."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write` fills a binary file object (its return value is ignored); it lands at `path` whole or not at all."""
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:  # a file object: np.save would append `.npy` to a plain name

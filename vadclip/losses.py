@@ -63,6 +63,8 @@ def total_loss(out, lengths: torch.Tensor, labels: torch.Tensor, cfg: LossConfig
         terms["loss_nce"] = mil_align_loss(out.logits_a, lengths, labels, k)
         terms["loss_cts"] = contrastive_loss(out.t_out, cfg.cts_form)
     loss = sum(terms.get(n, 0.0) for n in ("loss_bce", "loss_nce"))
+    if not isinstance(loss, torch.Tensor):  # every model trains the C-branch, the A-branch or both
+        raise ValueError("total_loss: the model output has neither logits_c nor logits_a")
     if "loss_cts" in terms:
         loss = loss + cfg.cts_weight * terms["loss_cts"]
     terms["loss"] = loss

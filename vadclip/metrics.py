@@ -1,7 +1,7 @@
 """Evaluation metrics of VadCLIP: frame-level AUC / AP / AnoAUC, video-level AUC / AP for splits
 with video labels only, and the fine-grained detection mAP@IoU of the authors' `getDetectionMAP`.
 
-Conventions follow the official code (see shared/reference/authors-code.md §4): snippet scores are
+Conventions follow the official code (its test scripts and `getDetectionMAP`): snippet scores are
 brought to frame resolution with `np.repeat(·, 16)`, sklearn's `roc_auc_score` and
 `average_precision_score` (step-wise AP, not the trapezoid area under the PR curve) are used, and
 the mAP is reported in percent.
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
+
+from vadclip.data.conventions import GT_NORMAL, SNIPPET_FRAMES
 
 PROTOCOLS = ("official", "paper")
 
@@ -53,7 +55,7 @@ def label(name: str) -> str:
     """The paper's column label: AUC, AP, AnoAUC, mAP AVG, mAP@0.1 (accepts MLflow keys too)."""
     name = metric_name(name)
     return LABELS.get(name, name.replace("map@", "mAP@"))
-NORMAL_GT_LABEL = "A"  # gt label of normal videos in both datasets' segment files
+
 
 # Constants hard-coded in the authors' getLocMAP.
 _TOPK_DIVISOR = 16  # c_s = mean of the top int(n_frames / 16) frames (literal 16, not the snippet length)
@@ -83,7 +85,7 @@ def _as_1d_scores(video_scores: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def frame_metrics(video_scores: list[np.ndarray], frame_gt: np.ndarray, is_abnormal: np.ndarray,
-                  snippet_frames: int = 16) -> dict[str, float]:
+                  snippet_frames: int = SNIPPET_FRAMES) -> dict[str, float]:
     """Frame-level `auc`, `ap` and `ano_auc` of per-snippet anomaly scores.
 
     Each video's (T_i,) snippet scores are repeated `snippet_frames` times and concatenated in
@@ -232,7 +234,7 @@ def _localization_ap(video_ids: np.ndarray, segs: np.ndarray, scores: np.ndarray
 def detection_map(class_probs: list[np.ndarray], segments: list[list[tuple[int, int]]],
                   segment_labels: list[list[str]], class_codes: list[str], protocol: str = "official",
                   iou_thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
-                  snippet_frames: int = 16) -> dict[str, float]:
+                  snippet_frames: int = SNIPPET_FRAMES) -> dict[str, float]:
     """Fine-grained detection mAP@IoU in percent: `{"map@0.1": .., ..., "map_avg": mean of levels}`.
 
     `class_probs[i]`: (T_i, C) per-snippet class probabilities (softmax of the alignment map),
@@ -283,13 +285,13 @@ def detection_map(class_probs: list[np.ndarray], segments: list[list[tuple[int, 
         snippets.append(p)
     frames = [np.repeat(p, snippet_frames, axis=0) for p in snippets]
     gt: list[list[tuple[int, int, str]]] = []
-    for i, (segs, labs) in enumerate(zip(segments, segment_labels)):
-        if len(segs) != len(labs):
-            raise ValueError(f"video {i}: {len(segs)} segments but {len(labs)} segment labels")
+    for i, (video_segs, video_labs) in enumerate(zip(segments, segment_labels)):
+        if len(video_segs) != len(video_labs):
+            raise ValueError(f"video {i}: {len(video_segs)} segments but {len(video_labs)} segment labels")
         # int() like the authors (their abnormal coordinates are strings from the annotation file)
-        gt.append([(int(s), int(e), str(lab)) for (s, e), lab in zip(segs, labs)])
+        gt.append([(int(s), int(e), str(lab)) for (s, e), lab in zip(video_segs, video_labs)])
 
-    normal_labels = {NORMAL_GT_LABEL, codes[0]}
+    normal_labels = {GT_NORMAL, codes[0]}
     if protocol == "official":
         videos = list(range(len(frames)))
         classes = list(range(n_classes))
@@ -302,7 +304,9 @@ def detection_map(class_probs: list[np.ndarray], segments: list[list[tuple[int, 
     per_class: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     gt_per_class: dict[int, dict[int, list[tuple[int, int]]]] = {}
     for c in classes:
-        ids, segs, scores = [], [], []
+        ids: list[np.ndarray] = []
+        segs: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
         for i in videos:
             c_s = class_scores[i][c]
             if not c_s > 0:  # authors: predictions * (c_s > 0)
@@ -328,11 +332,11 @@ def detection_map(class_probs: list[np.ndarray], segments: list[list[tuple[int, 
     for th in thresholds:
         aps: list[float] = []
         for c in classes:
-            ids, segs, scores = per_class[c]
-            if len(scores) == 0 and protocol == "official":
+            c_ids, c_segs, c_scores = per_class[c]
+            if len(c_scores) == 0 and protocol == "official":
                 aps = []  # authors: `return 0` from inside the class loop
                 break
-            aps.append(_localization_ap(ids, segs, scores, gt_per_class[c], th) if len(scores) else 0.0)
+            aps.append(_localization_ap(c_ids, c_segs, c_scores, gt_per_class[c], th) if len(c_scores) else 0.0)
         if protocol == "official":
             value = 100 * float(np.mean(aps)) if aps else 0.0
         else:

@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 from vadclip.cli import add_config_flags, as_dict, blame, flag_overrides, infer_dataset
 from vadclip.config import ConfigError, VadClipConfig, apply_overrides, flatten, preset
 from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dataset
+from vadclip.device import resolve_device
 from vadclip.errors import VadClipError
-from vadclip.evaluate import Predictions, evaluate
+from vadclip.evaluate import Evaluation, Predictions, evaluate
 from vadclip.io import atomic_write, atomic_write_text
 from vadclip.losses import total_loss
+from vadclip.metrics import FRACTIONS, MAP_LEVELS
 from vadclip.model import VadCLIP, build_model, create_clip, tokenizer
 
 CHECKPOINT_LAST, CHECKPOINT_BEST = "last.pt", "best.pt"
@@ -50,12 +52,6 @@ class FitResult:
 
 
 Callback = Callable[[EpochRecord], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -110,12 +106,14 @@ def load_weights(model: VadCLIP, state: dict[str, torch.Tensor]) -> None:
                            f"unexpected {unexpected[:5]}")
 
 
-def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device) -> VadCLIP:
+def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device,
+               straightforward: bool = False) -> VadCLIP:
+    """`straightforward`: the exact speed-ups off (see `VadCLIP`), for the bench and the equality tests."""
     clip = create_clip(cfg.clip.model, cfg.clip.weights, embed_dim=cfg.model.embed_dim)
     if hasattr(clip, "visual"):
         del clip.visual  # training needs only the text tower
     torch.manual_seed(cfg.seed)  # same initial weights for the same seed, whatever CLIP did
-    return build_model(cfg.model, data.class_prompts, clip, tokenizer()).to(device)
+    return build_model(cfg.model, data.class_prompts, clip, tokenizer(), straightforward).to(device)
 
 
 def _selection_score(metrics: dict[str, float], cfg: VadClipConfig) -> float:
@@ -124,14 +122,119 @@ def _selection_score(metrics: dict[str, float], cfg: VadClipConfig) -> float:
 
 
 def _evaluate_split(model: VadCLIP, data: VadDataset, split: str, cfg: VadClipConfig,
-                    device: torch.device) -> tuple[dict[str, float], Predictions | None]:
+                    device: torch.device) -> tuple[dict[str, float], Evaluation | None]:
     videos = data.val if split == "val" else data.test
     if videos is None:
         return {}, None
-    metrics, preds = evaluate(model, videos, data.class_codes, length=cfg.model.visual_length, device=device,
-                              score_branch=cfg.score_branch, selection_metric=cfg.selection_metric,
-                              map_protocol=cfg.eval.map_protocol, topk_divisor=cfg.loss.topk_divisor)
-    return {f"{split}/{k}": v for k, v in metrics.items()}, preds
+    result = evaluate(model, videos, data.class_codes, length=cfg.model.visual_length, device=device,
+                      score_branch=cfg.score_branch, selection_metric=cfg.selection_metric,
+                      map_protocol=cfg.eval.map_protocol, topk_divisor=cfg.loss.topk_divisor)
+    return {f"{split}/{k}": v for k, v in result.metrics.items()}, result
+
+
+class BestCheckpoint:
+    """The best weights so far by the selection score, in memory (`state`) and in best.pt; the step-wise
+    (`eval.eval_every_steps`) and the epoch-wise evaluations both go through `consider`."""
+
+    def __init__(self, model: VadCLIP, cfg: VadClipConfig, path: Path) -> None:
+        self.model, self.cfg, self.path = model, cfg, path
+        self.score, self.epoch = -math.inf, 0
+        self.state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+    def consider(self, score: float, epoch: int) -> bool:
+        """Save the current weights if `score` beats the best so far; returns whether it did."""
+        if not score > self.score:
+            return False
+        self.score, self.epoch = score, epoch
+        self.save(epoch)
+        return True
+
+    def save(self, epoch: int) -> None:
+        self.state = {k: v.detach().clone() for k, v in self.model.trainable_state_dict().items()}
+        atomic_save({"model": self.state, "epoch": epoch, "config": flatten(self.cfg)}, self.path)
+
+
+class _Trainer:
+    """The model, its optimiser and schedule, and the data of one `fit`."""
+
+    def __init__(self, cfg: VadClipConfig, data: VadDataset, device: torch.device, out_dir: Path) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+        self.model = make_model(cfg, data, device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.optim.milestones),
+                                                              cfg.optim.gamma)
+        self.best = BestCheckpoint(self.model, cfg, out_dir / CHECKPOINT_BEST)
+
+    def evaluate(self, split: str) -> tuple[dict[str, float], Evaluation | None]:
+        return _evaluate_split(self.model, self.data, split, self.cfg, self.device)
+
+    def resume(self, resume: str | Path) -> tuple[int, list[dict[str, float]]]:
+        """Restore weights, optimiser, schedule and best checkpoint; returns the epochs done and the history."""
+        ckpt = load_checkpoint(resume, self.device, required=("model", "optimizer", "scheduler", "epoch",
+                                                              "best_score", "best_epoch", "history"))
+        load_weights(self.model, ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.best.score, self.best.epoch = ckpt["best_score"], ckpt["best_epoch"]
+        folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        if (folder / CHECKPOINT_BEST).is_file():  # else the best stays the untrained weights
+            self.best.state = load_checkpoint(folder / CHECKPOINT_BEST, self.device)["model"]
+        return ckpt["epoch"], list(ckpt["history"])
+
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[dict[str, float], bool]:
+        """One epoch of steps, then the schedule step: the mean loss terms, seconds and lr, and whether a
+        step-wise evaluation improved the best checkpoint."""
+        cfg, data, model = self.cfg, self.data, self.model
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: resume replays it exactly
+        batches = epoch_batches(data.train_labels[:, 0] > 0.5, cfg.optim.batch_size, cfg.optim.sampler, rng)
+        sums: dict[str, float] = {}
+        improved, every = False, cfg.eval.eval_every_steps
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        for step, idx in enumerate(bar, start=1):
+            feats, lengths = collate(data.train, idx, cfg.model.visual_length)
+            x, n = torch.from_numpy(feats).to(self.device), torch.from_numpy(lengths).to(self.device)
+            y = torch.from_numpy(data.train_labels[idx]).to(self.device)
+            terms = total_loss(model(x, n), n, y, cfg.loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            self.optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
+            if every and step % every == 0:
+                score = _selection_score(self.evaluate(cfg.eval.selection)[0], cfg)
+                improved = self.best.consider(score, epoch + 1) or improved
+                model.train()
+        self.scheduler.step()
+        record = {f"train/{k}": v / max(len(batches), 1) for k, v in sums.items()}
+        record["train/seconds"] = time.perf_counter() - t0
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        return record, improved
+
+    def save_last(self, epoch: int, history: list[dict[str, float]], path: Path) -> None:
+        atomic_save({"model": self.model.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": self.best.score,
+                     "best_epoch": self.best.epoch, "history": history, "config": flatten(self.cfg)}, path)
+
+    def final_metrics(self) -> tuple[dict[str, Any], Predictions | None]:
+        """The best checkpoint re-evaluated: what metrics.json holds, and its test predictions."""
+        load_weights(self.model, self.best.state)
+        test_metrics, test = self.evaluate("test")
+        val_metrics, _ = self.evaluate("val")
+        cfg = self.cfg
+        return {
+            "selection": cfg.eval.selection,
+            "selection_metric": cfg.selection_metric,
+            "score_branch": cfg.score_branch,
+            "map_protocol": cfg.eval.map_protocol,
+            "best_epoch": self.best.epoch,
+            "test": {k.split("/", 1)[1]: v for k, v in test_metrics.items()},
+            "val": {k.split("/", 1)[1]: v for k, v in val_metrics.items()},
+            "test_branch": None if test is None else test.branch,  # the branch the unprefixed test metrics are
+        }, None if test is None else test.predictions
 
 
 def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Path,
@@ -150,99 +253,31 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg)
-    model = make_model(cfg, data, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones), cfg.optim.gamma)
-    start_epoch, best_score, best_epoch, history = 0, -math.inf, 0, []
-    best_state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
-    if resume is not None:
-        ckpt = load_checkpoint(resume, device, required=("model", "optimizer", "scheduler", "epoch", "best_score",
-                                                        "best_epoch", "history"))
-        load_weights(model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best_score, best_epoch = ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"]
-        history = list(ckpt["history"])
-        best_path = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        if (best_path / CHECKPOINT_BEST).is_file():
-            best_state = load_checkpoint(best_path / CHECKPOINT_BEST, device)["model"]
+    trainer = _Trainer(cfg, data, device, out_dir)
+    start_epoch, history = trainer.resume(resume) if resume is not None else (0, [])
     atomic_write_text(json.dumps(flatten(cfg), indent=1, default=list), out_dir / "config.json")
-
-    def save_best(epoch: int) -> None:
-        nonlocal best_state
-        best_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
-        atomic_save({"model": best_state, "epoch": epoch, "config": flatten(cfg)}, out_dir / CHECKPOINT_BEST)
-
     if resume is None:
-        save_best(0)  # untrained weights until a first evaluation beats them
-    is_normal = data.train_labels[:, 0] > 0.5
-    length = cfg.model.visual_length
+        trainer.best.save(0)  # untrained weights until a first evaluation beats them
     for epoch in range(start_epoch, cfg.optim.epochs):
-        model.train()
-        rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: resume replays it exactly
-        batches = epoch_batches(is_normal, cfg.optim.batch_size, cfg.optim.sampler, rng)
-        sums: dict[str, float] = {}
-        improved = False
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
-        t0 = time.perf_counter()
-        for step, idx in enumerate(bar, start=1):
-            feats, lengths = collate(data.train, idx, length)
-            x, n = torch.from_numpy(feats).to(device), torch.from_numpy(lengths).to(device)
-            y = torch.from_numpy(data.train_labels[idx]).to(device)
-            terms = total_loss(model(x, n), n, y, cfg.loss)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
-            if cfg.eval.eval_every_steps and step % cfg.eval.eval_every_steps == 0:
-                metrics, _ = _evaluate_split(model, data, cfg.eval.selection, cfg, device)
-                score = _selection_score(metrics, cfg)
-                if score > best_score:
-                    best_score, best_epoch, improved = score, epoch + 1, True
-                    save_best(epoch + 1)
-                model.train()
-        scheduler.step()
-        record: dict[str, float] = {f"train/{k}": v / max(len(batches), 1) for k, v in sums.items()}
-        record["train/seconds"] = time.perf_counter() - t0
-        record["lr"] = optimizer.param_groups[0]["lr"]
+        record, improved = trainer.train_epoch(epoch, progress)
         for split in ("val", "test"):
-            record.update(_evaluate_split(model, data, split, cfg, device)[0])
-        score = _selection_score(record, cfg)
-        if score > best_score:
-            best_score, best_epoch, improved = score, epoch + 1, True
-            save_best(epoch + 1)
+            record.update(trainer.evaluate(split)[0])
+        improved = trainer.best.consider(_selection_score(record, cfg), epoch + 1) or improved
         if cfg.eval.reload_best:  # the authors continue each epoch from the best weights so far
-            load_weights(model, best_state)
+            load_weights(trainer.model, trainer.best.state)
         record["epoch"] = epoch + 1
         history.append(record)
-        atomic_save({"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_score": best_score,
-                     "best_epoch": best_epoch, "history": history, "config": flatten(cfg)},
-                    out_dir / CHECKPOINT_LAST)
+        trainer.save_last(epoch + 1, history, out_dir / CHECKPOINT_LAST)
         for callback in callbacks:
             callback(EpochRecord(epoch + 1, record, improved, out_dir))
-    load_weights(model, best_state)
-    test_metrics, preds = _evaluate_split(model, data, "test", cfg, device)
-    val_metrics, _ = _evaluate_split(model, data, "val", cfg, device)
-    result = {
-        "selection": cfg.eval.selection,
-        "selection_metric": cfg.selection_metric,
-        "score_branch": cfg.score_branch,
-        "map_protocol": cfg.eval.map_protocol,
-        "best_epoch": best_epoch,
-        "test": {k.split("/", 1)[1]: v for k, v in test_metrics.items()},
-        "val": {k.split("/", 1)[1]: v for k, v in val_metrics.items()},
-    }
+    result, preds = trainer.final_metrics()
     atomic_write_text(json.dumps(result, indent=1, allow_nan=True), out_dir / "metrics.json")
-    return FitResult(result, history, out_dir, preds, model)
+    return FitResult(result, history, out_dir, preds, trainer.model)
 
 
 # ---------------------------------------------------------------- CLI
 
-METRIC_ROWS = ("auc", "ap", "ano_auc", "map@0.1", "map@0.2", "map@0.3", "map@0.4", "map@0.5", "map_avg")
+METRIC_ROWS = (*FRACTIONS, *MAP_LEVELS, "map_avg")  # the paper's Tables 1-4 columns
 
 
 def metrics_table(result: dict[str, Any]) -> str:
@@ -250,7 +285,7 @@ def metrics_table(result: dict[str, Any]) -> str:
 
     test = result["test"]
     rows = [[m, test.get(m), test.get(f"c_{m}"), test.get(f"a_{m}")] for m in METRIC_ROWS]
-    branch = "A" if test.get("branch_is_a") else "C"
+    branch = str(result.get("test_branch", "-")).upper()
     footer = (f"selection on {result['selection']} ({result['selection_metric']}, best epoch "
               f"{result['best_epoch']}); score branch {branch}; AP = sklearn average_precision_score; "
               f"mAP protocol {result['map_protocol']}")

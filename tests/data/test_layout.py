@@ -10,7 +10,8 @@ from vadclip.data import (
     resolve_feature_path,
     write_ground_truth,
 )
-from vadclip.data.layout import split_crop
+from vadclip.data.conventions import crop_file_name, crop_glob, crop_index, split_crop
+from vadclip.data.layout import crop_files
 
 AUTHORS = "/home/xbgydx/Desktop/UCFClipFeatures"
 
@@ -39,6 +40,23 @@ def test_split_crop_uses_the_last_suffix_only():
     assert split_crop("Abuse001_x264__3") == ("Abuse001_x264", 3)
     assert split_crop("Bad.Boys.1995__#01-11-55_01-12-40_label_G-B2-B6__0") == (
         "Bad.Boys.1995__#01-11-55_01-12-40_label_G-B2-B6", 0)
+
+
+def test_crop_file_names_round_trip():
+    xd = "Bad.Boys.1995__#01-11-55_01-12-40_label_G-B2-B6"
+    assert crop_file_name("Abuse001_x264", 3) == "Abuse001_x264__3.npy"
+    assert split_crop(crop_file_name(xd, 0)[:-len(".npy")]) == (xd, 0)
+    assert crop_index(crop_file_name(xd, 12), xd) == 12
+    for other in ("Abuse001_x264.npy", "Abuse001_x264__.npy", "Abuse001_x264__x.npy", "Abuse001_x264__3__4.npy",
+                  "Abuse001_x264__3.npz", "Abuse002_x264__3.npy"):
+        assert crop_index(other, "Abuse001_x264") is None, other
+    assert crop_glob("x[1]") == "x[[]1]__*.npy"
+
+
+def test_crop_files_finds_every_crop_of_a_video(tmp_path):
+    for name in ("v__0.npy", "v__12.npy", "v.npy", "v__x.npy", "v__3__4.npy", "w__1.npy", "v__2.npz"):
+        (tmp_path / name).write_bytes(b"")
+    assert crop_files(tmp_path / "v__0.npy", "v") == {0: tmp_path / "v__0.npy", 12: tmp_path / "v__12.npy"}
 
 
 def test_rerooting_takes_the_shortest_existing_suffix(tmp_path):

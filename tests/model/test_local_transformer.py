@@ -23,8 +23,8 @@ def test_overlapping_window_is_a_centred_band_of_window_frames():
 @pytest.mark.parametrize("windows_as_batch", [False, True])
 def test_window_mask_blocks_cross_window_attention(windows_as_batch):
     torch.manual_seed(0)
-    tf = TemporalTransformer(16, layers=2, heads=1, mlp_ratio=4, length=12, window=4).eval()
-    tf.windows_as_batch = windows_as_batch
+    tf = TemporalTransformer(16, layers=2, heads=1, mlp_ratio=4, length=12, window=4,
+                             windows_as_batch=windows_as_batch).eval()
     x = torch.randn(1, 12, 16)
     y = x.clone()
     y[:, 4:8] += torch.randn(1, 4, 16)  # change only the second window
@@ -37,15 +37,21 @@ def test_window_mask_blocks_cross_window_attention(windows_as_batch):
         assert not torch.allclose(glob(x)[:, :4], glob(y)[:, :4])  # the global TF mixes everything
 
 
+def _masked_and_batched(*args, **kwargs) -> tuple[TemporalTransformer, TemporalTransformer]:
+    """The same weights without and with the windows run as a batch."""
+    masked = TemporalTransformer(*args, **kwargs, windows_as_batch=False)
+    batched = TemporalTransformer(*args, **kwargs)
+    batched.load_state_dict(masked.state_dict())
+    return masked, batched
+
+
 @pytest.mark.parametrize("length", [12, 10])  # 10: not a multiple of the window, the masked path runs
 def test_windows_as_batch_equals_masked_attention(length):
     torch.manual_seed(0)
-    tf = TemporalTransformer(16, layers=2, heads=2, mlp_ratio=4, length=12, window=4)
+    tfs = _masked_and_batched(16, layers=2, heads=2, mlp_ratio=4, length=12, window=4)
     x = torch.randn(3, length, 16, requires_grad=True)
     outs, grads = [], []
-    for windows_as_batch in (False, True):
-        tf.windows_as_batch = windows_as_batch
-        tf.zero_grad()
+    for tf in tfs:
         x.grad = None
         out = tf(x)
         out.pow(2).sum().backward()
@@ -61,7 +67,7 @@ def test_blank_windows_are_shared_exactly():
     (the position embedding, the blocks) equal the masked attention. (The input features get no
     gradient in training; a shared window passes its summed gradient to one of its copies.)"""
     torch.manual_seed(0)
-    tf = TemporalTransformer(16, layers=2, heads=1, mlp_ratio=4, length=16, window=4)
+    tfs = _masked_and_batched(16, layers=2, heads=1, mlp_ratio=4, length=16, window=4)
     pos = (torch.randn(16, 16) * 0.1).requires_grad_(True)
     raw = torch.randn(4, 16, 16)
     for i, n in enumerate([16, 9, 3, 0]):  # windows: none, 1, 3 and 4 of them pure padding
@@ -69,9 +75,7 @@ def test_blank_windows_are_shared_exactly():
     blank = (raw == 0).all(-1)
     assert blank.reshape(-1, 4).all(-1).sum() == 8
     outs, grads = [], []
-    for windows_as_batch in (False, True):
-        tf.windows_as_batch = windows_as_batch
-        tf.zero_grad()
+    for tf in tfs:
         pos.grad = None
         out = tf(raw + pos, blank)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()

@@ -17,18 +17,16 @@ def test_learnable_prompt_layout(tiny_clip, tok):
 
 def test_eot_truncation_equals_full_77_token_output(tiny_clip, tok):
     torch.manual_seed(0)
-    enc = ClipTextEncoder(tiny_clip)
+    enc, enc_full = ClipTextEncoder(tiny_clip), ClipTextEncoder(tiny_clip, truncate=False)  # CLIP's weights
     prompt = LearnablePrompt(XD_NAMES, enc, prefix=10, postfix=10, tokenizer=tok)
-    truncated = prompt()
-    enc.truncate = False
-    full = prompt()
+    prompt_full = LearnablePrompt(XD_NAMES, enc_full, prefix=10, postfix=10, tokenizer=tok)
+    prompt_full.load_state_dict(prompt.state_dict())
     assert int(prompt.eot.max()) + 1 < 77
-    assert torch.allclose(truncated, full, atol=1e-5)
+    assert torch.allclose(prompt(), prompt_full(), atol=1e-5)
     hand = HandcraftedPrompt(XD_NAMES, enc, "a video frame of {}.", tok)
-    full_hand = hand()
-    enc.truncate = True
-    hand.use_cache = False
-    assert torch.allclose(hand(), full_hand, atol=1e-5)
+    hand_full = HandcraftedPrompt(XD_NAMES, enc_full, "a video frame of {}.", tok, use_cache=False)
+    assert hand() is hand() and hand_full() is not hand_full()  # cached / re-encoded every call
+    assert torch.allclose(hand(), hand_full(), atol=1e-5)
 
 
 def test_gradients_reach_the_prompt_not_clip(tiny_clip, tok):

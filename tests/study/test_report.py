@@ -19,7 +19,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from study import report
+from study.report.notes import AP_NOTE
+from study.report.search import param_importances, status_counts
 from study.spec import parse
+from vadclip.io import write_atomically
 
 ABLATION = {
     "name": "ablation_t", "kind": "ablation", "description": "Test ablation (LGT rows)", "metric": "ap",
@@ -199,7 +202,7 @@ def test_bold_marks_best_mean_per_metric(ablation: report.ReportFiles) -> None:
 def test_paper_values_and_protocol_footer(ablation: report.ReportFiles) -> None:
     md = ablation.md.read_text()
     assert "AP (paper)" in md and "84.51" in md and "15.64" in md
-    assert report.AP_NOTE in md
+    assert AP_NOTE in md
     assert ("mAP protocol: official (all test videos and classes incl. normal); except LGT-Adapter: paper "
             "(abnormal videos and classes only)") in md
     assert "model selection on val" in md and "Dataset: synthetic" in md
@@ -243,7 +246,7 @@ def test_search_report_has_importances_and_plot(store: dict[str, str], tmp_path:
 
 def test_status_counts_early_stopped(store: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     runs = _search_runs(store["uri"], monkeypatch, "search_t", store["search_parent"])
-    counts = report.status_counts(runs)
+    counts = status_counts(runs)
     assert counts["FINISHED"] == 4 and counts["FAILED"] == 1 and counts["KILLED"] == 1
     assert counts["early-stopped"] == 1  # the failed trial also ran fewer epochs but counts as failed
 
@@ -251,13 +254,13 @@ def test_status_counts_early_stopped(store: dict[str, str], monkeypatch: pytest.
 def test_importances_degrade_to_a_note() -> None:
     spec = parse(SEARCH, Path("search_t.yaml"))
     one = pd.DataFrame({"model.window": [4], "loss.cts_weight": [1e-3], "ap": [0.5]})
-    values, note = report.param_importances(spec, one, "ap")
+    values, note = param_importances(spec.space, one, "ap")
     assert values == {} and "at least 2" in note
     flat = pd.DataFrame({"model.window": [4, 8, 16], "loss.cts_weight": [1e-3, 1e-2, 1e-1], "ap": [0.5] * 3})
-    values, note = report.param_importances(spec, flat, "ap")
+    values, note = param_importances(spec.space, flat, "ap")
     assert values == {} and "could not be computed" in note
     single = parse({**SEARCH, "space": {"model.window": {"choice": [4, 8]}}}, Path("search_t.yaml"))
-    values, note = report.param_importances(single, one, "ap")
+    values, note = param_importances(single.space, one, "ap")
     assert values == {} and "single searched parameter" in note
 
 
@@ -289,7 +292,7 @@ def test_unknown_study_and_missing_store(tmp_path: Path, capsys: pytest.CaptureF
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
     with pytest.raises(OSError):
-        report.write_atomically({tmp_path / "a.md": b"x", tmp_path / "blocker" / "b.png": b"y"})
+        write_atomically({tmp_path / "a.md": b"x", tmp_path / "blocker" / "b.png": b"y"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]  # neither a.md nor a temporary file
 
 

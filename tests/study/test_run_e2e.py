@@ -174,3 +174,29 @@ def test_cli_prints_a_short_log_and_an_honest_report(tmp_path):
     assert "Seeds: 1 per variant planned; 1 seen (234)" in text
     assert str(tmp_path) not in text and "sqlite:///mlruns.db" in text  # no machine path
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "reports").iterdir())
+
+
+def test_failure_after_the_parent_exists_marks_it_failed_and_keeps_the_resume_pointer(tmp_path, ray_local,
+                                                                                      monkeypatch):
+    import json
+
+    from study import run as run_module
+
+    spec_path = tiny_spec(tmp_path, "tiny_broken")
+    state = tmp_path / ".study_state" / "tiny_broken.json"
+    state.parent.mkdir()
+    earlier = {"run_name": "tiny_broken-earlier", "parent_run_id": "abc", "storage": str(tmp_path),
+               "experiment_id": "1", "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    state.write_text(json.dumps(earlier))
+
+    def broken(*args, **kwargs):  # a fault between the parent's creation and Tune's first trial
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run_module, "_tune", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_study(str(spec_path), RunOptions(max_epochs=1, seeds=1, project=tmp_path))
+    assert json.loads(state.read_text()) == earlier  # --resume still targets the last resumable invocation
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = mlflow.get_experiment_by_name("tiny_broken")
+    parents = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'parent'")
+    assert list(parents["status"]) == ["FAILED"]

@@ -1,9 +1,19 @@
-"""Data layer: the authors' list/feature layout, a synthetic twin, datasets and batching."""
+"""Data layer: the benchmarks' conventions, the authors' list/feature layout, a synthetic twin, datasets
+and batching."""
 
-from vadclip.data.batching import collate, epoch_batches, pad_to_length, pool_to_length, split_chunks
-from vadclip.data.classes import CLASS_CODES, CLASS_PROMPTS, multi_hot, parse_label
+from vadclip.data.batching import Bank, collate, epoch_batches, pad_to_length, pool_to_length, split_chunks
+from vadclip.data.classes import multi_hot, parse_label
+from vadclip.data.conventions import (
+    CLASS_CODES,
+    CLASS_PROMPTS,
+    DEFAULT_TEST_CROP,
+    GT_NORMAL,
+    SNIPPET_FRAMES,
+    crop_file_name,
+    list_files,
+    split_crop,
+)
 from vadclip.data.dataset import (
-    Bank,
     DiskFeatureBank,
     EvalSet,
     FeatureBank,
@@ -14,10 +24,7 @@ from vadclip.data.dataset import (
 )
 from vadclip.data.errors import DataError
 from vadclip.data.layout import (
-    DEFAULT_TEST_CROP,
-    SNIPPET_FRAMES,
     ListRow,
-    list_files,
     load_features,
     read_ground_truth,
     read_list,
@@ -27,10 +34,10 @@ from vadclip.data.layout import (
 from vadclip.data.synthetic import ensure_synthetic, synthetic_crops, write_synthetic
 
 __all__ = [
-    "CLASS_CODES", "CLASS_PROMPTS", "DEFAULT_TEST_CROP", "SNIPPET_FRAMES", "Bank", "DataError",
+    "CLASS_CODES", "CLASS_PROMPTS", "DEFAULT_TEST_CROP", "GT_NORMAL", "SNIPPET_FRAMES", "Bank", "DataError",
     "DiskFeatureBank", "EvalSet", "FeatureBank", "ListRow", "VadDataset", "build_bank", "collate",
-    "ensure_synthetic", "epoch_batches", "list_files", "load_dataset", "load_features", "multi_hot",
-    "pad_to_length", "parse_label", "pool_to_length", "read_ground_truth", "read_list",
-    "resolve_feature_path", "split_chunks", "split_videos", "synthetic_crops", "write_ground_truth",
-    "write_synthetic",
+    "crop_file_name", "ensure_synthetic", "epoch_batches", "list_files", "load_dataset", "load_features",
+    "multi_hot", "pad_to_length", "parse_label", "pool_to_length", "read_ground_truth", "read_list",
+    "resolve_feature_path", "split_chunks", "split_crop", "split_videos", "synthetic_crops",
+    "write_ground_truth", "write_synthetic",
 ]

@@ -9,11 +9,18 @@ import numpy as np
 
 
 class Bank(Protocol):
-    """What `collate` needs: `FeatureBank` or `DiskFeatureBank`."""
+    """Ragged (T_i, d) float32 arrays by index: `FeatureBank` (in memory) or `DiskFeatureBank` (read at each
+    access), both in `vadclip.data.dataset`."""
 
     def __len__(self) -> int: ...
 
     def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @property
+    def lengths(self) -> np.ndarray: ...  # (n,) int64: T_i
+
+    @property
+    def feature_dim(self) -> int: ...
 
 
 def pool_to_length(x: np.ndarray, length: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Class codes, prompts and label parsing of the two benchmarks (index 0 = normal).
+"""Label parsing of the two benchmarks' lists (class codes and prompts: `conventions`, index 0 = normal).
 
 UCF-Crime labels are class folder names (`Abuse`, ..., `Normal`); XD-Violence labels are codes
 joined by `-` and padded with `0` (`B1-0-0`, `B2-G-B6`, `G`, `A` = normal).
@@ -10,27 +10,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from vadclip.data.conventions import CLASS_CODES, XD_PAD, check_style
 from vadclip.data.errors import DataError
-
-CLASS_CODES: dict[str, list[str]] = {
-    "ucf": ["Normal", "Abuse", "Arrest", "Arson", "Assault", "Burglary", "Explosion", "Fighting",
-            "RoadAccidents", "Robbery", "Shooting", "Shoplifting", "Stealing", "Vandalism"],
-    "xd": ["A", "B1", "B2", "B4", "B5", "B6", "G"],
-}
-# The authors' label_map values, in the same order as CLASS_CODES (`roadAccidents` is one word).
-CLASS_PROMPTS: dict[str, list[str]] = {
-    "ucf": ["normal", "abuse", "arrest", "arson", "assault", "burglary", "explosion", "fighting",
-            "roadAccidents", "robbery", "shooting", "shoplifting", "stealing", "vandalism"],
-    "xd": ["normal", "fighting", "shooting", "riot", "abuse", "car accident", "explosion"],
-}
-XD_PAD = "0"  # filler code in XD labels (`B1-0-0`)
-# Frame/segment ground truth labels every normal video `A`, in both datasets.
-GT_NORMAL = "A"
-
-
-def check_style(style: str) -> None:
-    if style not in CLASS_CODES:
-        raise ValueError(f"unknown label style {style!r}; expected one of {sorted(CLASS_CODES)}")
 
 
 def parse_label(style: str, label: str, where: str) -> tuple[int, ...]:
@@ -47,12 +28,12 @@ def parse_label(style: str, label: str, where: str) -> tuple[int, ...]:
     unknown = [p for p in parts if p not in codes and p != XD_PAD]
     if unknown:
         raise DataError(f"{where}: unknown XD-Violence code(s) {', '.join(map(repr, unknown))} in label "
-                        f"{label!r}; expected codes from {', '.join(codes)} joined by '-' (padding '0')")
+                        f"{label!r}; expected codes from {', '.join(codes)} joined by '-' (padding {XD_PAD!r})")
     indices = sorted({codes.index(p) for p in parts if p != XD_PAD})
     if not indices:
         raise DataError(f"{where}: XD-Violence label {label!r} has no class code; expected e.g. 'A' or 'B1-0-0'")
     if 0 in indices and len(indices) > 1:
-        raise DataError(f"{where}: XD-Violence label {label!r} mixes the normal code 'A' with anomaly codes")
+        raise DataError(f"{where}: XD-Violence label {label!r} mixes the normal code {codes[0]!r} with anomaly codes")
     return tuple(indices)
 
 

@@ -9,25 +9,23 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 
 from vadclip.config import VadClipConfig
-from vadclip.data.batching import pool_to_length
-from vadclip.data.classes import CLASS_CODES, CLASS_PROMPTS, multi_hot
-from vadclip.data.errors import DataError
-from vadclip.data.layout import (
+from vadclip.data.batching import Bank, pool_to_length
+from vadclip.data.classes import multi_hot
+from vadclip.data.conventions import (
+    CLASS_CODES,
+    CLASS_PROMPTS,
     DEFAULT_TEST_CROP,
     SNIPPET_FRAMES,
-    ListRow,
-    crop_files,
-    feature_shape,
+    crop_file_name,
     list_files,
-    load_features,
-    read_ground_truth,
-    read_list,
 )
+from vadclip.data.errors import DataError
+from vadclip.data.layout import ListRow, crop_files, feature_shape, load_features, read_ground_truth, read_list
 from vadclip.data.synthetic import ensure_synthetic
 
 _T = TypeVar("_T")
@@ -84,7 +82,8 @@ def _read_item(files: Sequence[str], dim: int, pool_length: int | None) -> np.nd
     if any(a.shape != arrays[0].shape for a in arrays):
         shapes = ", ".join(f"{Path(f).name} {a.shape}" for f, a in zip(files, arrays))
         raise DataError(f"crops of one video differ in length ({shapes}); expected equal (T, {dim})")
-    x = arrays[0] if len(arrays) == 1 else np.mean(arrays, axis=0, dtype=np.float32)
+    # np.mean over axis 0 of (n, T, dim) is a (T, dim) array; numpy's stubs also allow a scalar
+    x = arrays[0] if len(arrays) == 1 else cast(np.ndarray, np.mean(arrays, axis=0, dtype=np.float32))
     return pool_to_length(x, pool_length) if pool_length is not None else x
 
 
@@ -127,9 +126,6 @@ class DiskFeatureBank:
         return self.dim
 
 
-Bank = FeatureBank | DiskFeatureBank
-
-
 def build_bank(files: Sequence[Sequence[str | Path]], dim: int, pool_length: int | None,
                in_memory: bool) -> Bank:
     """Read every item once into a `FeatureBank` (preallocated from the headers: no 2x peak memory),
@@ -155,7 +151,7 @@ class EvalSet:
     names: list[str]
     features: Bank  # raw (T_i, d) per video: the chosen test crop, or the mean over crops
     labels: np.ndarray  # (n, C) float32 multi-hot
-    frame_gt: np.ndarray | None = None  # (16 * sum T,) float32, list order
+    frame_gt: np.ndarray | None = None  # (SNIPPET_FRAMES * sum T,) float32, list order
     segments: list[list[tuple[int, int]]] | None = None  # frame [start, end) per gt segment
     segment_labels: list[list[str]] | None = None
 
@@ -206,7 +202,7 @@ def _eval_files(row: ListRow, test_crop: str, style: str, csv: Path) -> tuple[st
     crop = DEFAULT_TEST_CROP[style] if test_crop == "default" else int(test_crop)
     if crop == row.crop:
         return (str(row.path),)
-    sibling = row.path.with_name(f"{row.video}__{crop}.npy")
+    sibling = row.path.with_name(crop_file_name(row.video, crop))
     if not sibling.is_file():
         raise DataError(f"{sibling}: crop {crop} of video {row.video} (listed in {csv}) not found; "
                         f"data.test_crop={test_crop!r} needs it next to {row.path.name}")
@@ -273,7 +269,8 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
     expected = SNIPPET_FRAMES * int(test_bank.lengths.sum())
     if len(frame_gt) != expected:
         raise DataError(f"{lists_dir / names['frame_gt']}: {len(frame_gt)} frames, expected {expected} "
-                        f"(16 per snippet of the {len(test_rows)} videos of {test_csv.name}, in list order)")
+                        f"({SNIPPET_FRAMES} per snippet of the {len(test_rows)} videos of {test_csv.name}, "
+                        f"in list order)")
     if len(segments) != len(test_rows):
         raise DataError(f"{lists_dir / names['segments']}: {len(segments)} videos, expected {len(test_rows)} "
                         f"(one entry per row of {test_csv.name}, in list order)")

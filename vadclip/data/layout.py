@@ -8,32 +8,25 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from vadclip.data.classes import CLASS_CODES, GT_NORMAL, check_style, parse_label
+from vadclip.data.classes import parse_label
+from vadclip.data.conventions import (
+    CLASS_CODES,
+    GT_NORMAL,
+    SNIPPET_FRAMES,
+    check_style,
+    crop_index,
+    list_files,
+    split_crop,
+)
 from vadclip.data.errors import DataError
 
-__all__ = ["DataError", "ListRow", "list_files", "read_list", "resolve_feature_path", "split_crop",
-           "load_features", "feature_shape", "read_ground_truth", "write_ground_truth", "crop_files",
-           "DEFAULT_TEST_CROP", "SNIPPET_FRAMES"]
-
-SNIPPET_FRAMES = 16  # frames per CLIP snippet: a video of T snippets has 16*T gt frames
-DEFAULT_TEST_CROP = {"ucf": 5, "xd": 0}  # the single crop the authors' test lists use
-_CROP = re.compile(r"^(?P<video>.+)__(?P<crop>\d+)$")
-
-
-def list_files(style: str) -> dict[str, str]:
-    """Official file names in the authors' `list/` folder."""
-    check_style(style)
-    if style == "ucf":
-        return {"train": "ucf_CLIP_rgb.csv", "test": "ucf_CLIP_rgbtest.csv", "frame_gt": "gt_ucf.npy",
-                "segments": "gt_segment_ucf.npy", "segment_labels": "gt_label_ucf.npy"}
-    return {"train": "xd_CLIP_rgb.csv", "test": "xd_CLIP_rgbtest.csv", "frame_gt": "gt.npy",
-            "segments": "gt_segment.npy", "segment_labels": "gt_label.npy"}
+__all__ = ["DataError", "ListRow", "read_list", "resolve_feature_path", "load_features", "feature_shape",
+           "read_ground_truth", "write_ground_truth", "crop_files"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +36,6 @@ class ListRow:
     video: str  # file stem without the `__<crop>` suffix
     crop: int
     classes: tuple[int, ...]  # class indices (0 = normal)
-
-
-def split_crop(stem: str) -> tuple[str, int]:
-    """`Abuse001_x264__3` -> (`Abuse001_x264`, 3); only the LAST `__<digits>` is the crop (XD names
-    contain `__#`). A stem without a crop suffix is crop 0."""
-    m = _CROP.match(stem)
-    return (m["video"], int(m["crop"])) if m else (stem, 0)
 
 
 def _parts(csv_path: str) -> list[str]:
@@ -173,12 +159,11 @@ def feature_shape(path: str | Path, dim: int) -> tuple[int, int]:
 def crop_files(listed: Path, video: str) -> dict[int, Path]:
     """All crop files `<video>__<k>.npy` next to a listed feature file, by crop index."""
     found: dict[int, Path] = {}
-    prefix = video + "__"
     with os.scandir(listed.parent) as it:
         for entry in it:
-            name = entry.name
-            if name.startswith(prefix) and name.endswith(".npy") and name[len(prefix):-4].isdigit():
-                found[int(name[len(prefix):-4])] = Path(entry.path)
+            k = crop_index(entry.name, video)
+            if k is not None:
+                found[k] = Path(entry.path)
     return dict(sorted(found.items()))
 
 
@@ -252,7 +237,10 @@ def write_ground_truth(lists_dir: str | Path, style: str,
     check_style(style)
     lists_dir = Path(lists_dir)
     allowed = set(CLASS_CODES[style][1:])
-    frames, segments, labels = [], [], []
+    frames: list[np.ndarray] = []
+    # the authors' files: abnormal coordinates as strings, a normal video's one segment as ints
+    segments: list[list[list[str]] | list[list[int]]] = []
+    labels: list[list[str]] = []
     for i, (length, segs) in enumerate(videos):
         gt = np.zeros(SNIPPET_FRAMES * length, dtype=np.float32)
         for start, end, code in segs:
@@ -261,7 +249,7 @@ def write_ground_truth(lists_dir: str | Path, style: str,
                                 f"{', '.join(sorted(allowed))}")
             if not 0 <= start < end <= len(gt):
                 raise DataError(f"ground truth of test video {i}: segment [{start}, {end}) is outside its "
-                                f"{len(gt)} frames (16 per snippet)")
+                                f"{len(gt)} frames ({SNIPPET_FRAMES} per snippet)")
             gt[start:end] = 1.0
         frames.append(gt)
         if segs:

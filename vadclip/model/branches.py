@@ -68,7 +68,11 @@ class AlignmentBranch(nn.Module):
         """Instance-specific class embeddings T; (B, C, d), or (1, C, d) without a visual prompt."""
         if self.visual_prompt == "none":
             return t_out[None]
+        if self.ffn is None:  # built in __init__ for every visual prompt but "none"
+            raise RuntimeError(f"AlignmentBranch: visual prompt {self.visual_prompt!r} without its FFN")
         if self.visual_prompt == "anomaly_focus":
+            if logits_c is None:  # the config rejects anomaly_focus without the C-branch
+                raise ValueError("visual_prompt='anomaly_focus' needs the C-branch logits (model.branches 'c+a')")
             v = anomaly_focus_prompt(x, logits_c, lengths, self.prompt_weights)
         else:
             v = average_frame_prompt(x, lengths)

@@ -59,15 +59,6 @@ def distance_adjacency(length: int, sigma: float = math.e, kernel: str = "exp",
     return torch.nan_to_num(adj, nan=0.0) * pair
 
 
-def distance_adjacency_scipy(length: int, sigma: float = math.e) -> torch.Tensor:
-    """The authors' construction (scipy cityblock distances, rebuilt every forward); for the bench."""
-    import numpy as np
-    from scipy.spatial.distance import pdist, squareform
-
-    pos = np.arange(length, dtype=np.float64)[:, None]
-    return torch.from_numpy(np.exp(-squareform(pdist(pos, "cityblock")) / sigma)).float()
-
-
 class GraphConvolution(nn.Module):
     """out = A (X W) + residual(X); residual = identity, or Conv1d(k=5) when widths differ (code)."""
 
@@ -115,23 +106,28 @@ class SingleWeightGCN(nn.Module):
 
 class GlobalGCN(nn.Module):
     """Builds both adjacencies and applies the chosen GCN. The fixed `exp` distance adjacency is
-    built once (a buffer), not on every forward as in the authors' code."""
+    built once (a buffer), not on every forward as in the authors' code (`rebuild_distance=True`)."""
+
+    fixed_distance: torch.Tensor | None  # buffer; None unless kernel == "exp"
 
     def __init__(self, width: int, length: int, gcn: str, threshold: float, filter: str,
-                 kernel: str, sigma: float):
+                 kernel: str, sigma: float, rebuild_distance: bool = False):
         super().__init__()
         self.threshold, self.filter, self.kernel, self.sigma = threshold, filter, kernel, sigma
         self.gcn = TwoStackGCN(width) if gcn == "two_stack" else SingleWeightGCN(width)
         fixed = distance_adjacency(length, sigma, "exp") if kernel == "exp" else None
         self.register_buffer("fixed_distance", fixed, persistent=False)
-        self.rebuild_distance = False  # True = the authors' per-forward scipy rebuild (bench only)
+        self.rebuild_distance = rebuild_distance
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h_sim = similarity_adjacency(x, lengths, self.threshold, self.filter)
         length = x.shape[1]
-        if self.kernel == "exp":
-            h_dis = (distance_adjacency_scipy(length, self.sigma).to(x.device) if self.rebuild_distance
-                     else self.fixed_distance[:length, :length])
-        else:
+        if self.kernel != "exp":
             h_dis = distance_adjacency(length, self.sigma, "softmax", lengths)
+        elif self.rebuild_distance:
+            h_dis = distance_adjacency(length, self.sigma, "exp").to(x.device)
+        elif self.fixed_distance is None:  # built in __init__ whenever kernel == "exp"
+            raise RuntimeError("GlobalGCN: kernel 'exp' without its fixed distance adjacency")
+        else:
+            h_dis = self.fixed_distance[:length, :length]
         return self.gcn(x, h_sim, h_dis)

@@ -14,22 +14,23 @@ class TemporalAdapter(nn.Module):
     """X_clip -> [position embedding] -> [local | global TF] -> [GCN] -> FC -> X.
 
     Rows of Table 5: none, local, global_tf, gcn, local+gcn (LGT-Adapter), global_tf+gcn,
-    local+global_tf.
+    local+global_tf. `straightforward`: the exact speed-ups off (see `VadCLIP`).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, straightforward: bool = False):
         super().__init__()
         parts = [] if cfg.temporal == "none" else cfg.temporal.split("+")
         d, length = cfg.embed_dim, cfg.visual_length
         has_tf = "local" in parts or "global_tf" in parts
         self.position = FramePositionEmbedding(length, d) if has_tf and cfg.position_embedding else None
         self.local = (TemporalTransformer(d, cfg.local_layers, cfg.heads, cfg.mlp_ratio, length,
-                                          window=cfg.window, overlap=cfg.window_overlap)
+                                          window=cfg.window, overlap=cfg.window_overlap,
+                                          windows_as_batch=not straightforward)
                       if "local" in parts else None)
         self.global_tf = (TemporalTransformer(d, cfg.global_tf_layers, cfg.heads, cfg.mlp_ratio, length)
                           if "global_tf" in parts else None)
         self.gcn = (GlobalGCN(d, length, cfg.gcn, cfg.similarity_threshold, cfg.similarity_filter,
-                              cfg.distance_kernel, cfg.sigma)
+                              cfg.distance_kernel, cfg.sigma, rebuild_distance=straightforward)
                     if "gcn" in parts else None)
         self.fc = nn.Linear(d, d)  # "after temporal modeling, X_g is fed into an FC layer"
 

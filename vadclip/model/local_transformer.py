@@ -29,17 +29,20 @@ class TemporalTransformer(nn.Module):
     """Pre-LN CLIP blocks (1 head by default, MLP x4, QuickGELU) over (B, L, d).
 
     `window=None` is the global TF-encoder of the Table 5 ablations. No key-padding mask (code).
+    `windows_as_batch=False`: the authors' masked full-length attention (bench, tests).
     """
 
+    attn_mask: torch.Tensor | None  # buffer; None without a window
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: int, length: int,
-                 window: int | None = None, overlap: bool = False):
+                 window: int | None = None, overlap: bool = False, windows_as_batch: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(
             ResidualAttentionBlock(width, heads, mlp_ratio, act_layer=QuickGELU) for _ in range(layers))
         mask = None if window is None else additive_mask(local_window(length, window, overlap))
         self.register_buffer("attn_mask", mask, persistent=False)
         self.block_window = window if window is not None and not overlap else None
-        self.windows_as_batch = True  # False = the authors' masked full-length attention (bench, tests)
+        self.windows_as_batch = windows_as_batch
 
     def forward(self, x: torch.Tensor, blank_frames: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, d). `blank_frames` (B, L) bool: frames whose input was all zeros (padding) before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
@@ -16,7 +17,15 @@ class ClipTextEncoder(nn.Module):
     first max(EOT)+1 positions are run (exact; `truncate=False` runs all 77 like the authors).
     """
 
-    def __init__(self, clip: nn.Module):
+    # CLIP's text tower, typed here: nn.Module's __getattr__ types submodules as `Tensor | Module`
+    token_embedding: nn.Embedding
+    positional_embedding: nn.Parameter
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: nn.Parameter | nn.Linear
+    attn_mask: torch.Tensor  # buffer
+
+    def __init__(self, clip: open_clip.CLIP, truncate: bool = True):
         super().__init__()
         self.token_embedding = clip.token_embedding
         self.positional_embedding = clip.positional_embedding
@@ -25,7 +34,7 @@ class ClipTextEncoder(nn.Module):
         self.text_projection = clip.text_projection
         self.register_buffer("attn_mask", clip.attn_mask.clone(), persistent=False)
         self.requires_grad_(False)  # frozen; gradients still flow through it to the prompt
-        self.truncate = True
+        self.truncate = truncate
 
     @property
     def width(self) -> int:
@@ -44,6 +53,10 @@ class ClipTextEncoder(nn.Module):
 class LearnablePrompt(nn.Module):
     """Eq. 5, as the code builds it: one shared 77-row table N(0, 0.01);
     [SOT, prefix rows 1..p, class tokens, next q rows, EOT, rest of the table]."""
+
+    ids: torch.Tensor  # buffers
+    is_token: torch.Tensor
+    eot: torch.Tensor
 
     def __init__(self, class_names: list[str], encoder: ClipTextEncoder, prefix: int, postfix: int,
                  tokenizer: SimpleTokenizer):
@@ -77,10 +90,13 @@ class LearnablePrompt(nn.Module):
 
 class HandcraftedPrompt(nn.Module):
     """Table 7's hand-crafted prompt: `template.format(class name)`; nothing learnable, so t_out is
-    computed once and cached."""
+    computed once and cached (`use_cache=False` re-encodes it every call, like the authors)."""
+
+    ids: torch.Tensor  # buffers
+    eot: torch.Tensor
 
     def __init__(self, class_names: list[str], encoder: ClipTextEncoder, template: str,
-                 tokenizer: SimpleTokenizer):
+                 tokenizer: SimpleTokenizer, use_cache: bool = True):
         super().__init__()
         ids = torch.zeros(len(class_names), CONTEXT_LENGTH, dtype=torch.long)
         for c, name in enumerate(class_names):
@@ -91,7 +107,7 @@ class HandcraftedPrompt(nn.Module):
         self.encoder = encoder
         self.frozen = True
         self._cache: torch.Tensor | None = None
-        self.use_cache = True
+        self.use_cache = use_cache
 
     def forward(self) -> torch.Tensor:
         if self._cache is not None and self.use_cache and self._cache.device == self.ids.device:

@@ -21,20 +21,26 @@ class VadOutput:
 
 
 class VadCLIP(nn.Module):
-    def __init__(self, cfg: ModelConfig, class_names: list[str], clip: nn.Module, tokenizer):
+    """`straightforward=True` switches off the exact speed-ups (for the bench and the equality tests): full
+    77-token text encoder, no cached class embeddings, the distance adjacency rebuilt every forward, local
+    attention as a masked full-length attention. Same numbers to float32 round-off (docs/speed.md)."""
+
+    def __init__(self, cfg: ModelConfig, class_names: list[str], clip: nn.Module, tokenizer,
+                 straightforward: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.temporal = TemporalAdapter(cfg)
+        self.temporal = TemporalAdapter(cfg, straightforward)
         self.c_branch = ClassificationBranch(cfg.embed_dim, cfg.mlp_ratio) if "c" in cfg.branches else None
         self.prompt: LearnablePrompt | HandcraftedPrompt | None = None
         self.a_branch = None
         if "a" in cfg.branches:
-            encoder = ClipTextEncoder(clip)
+            encoder = ClipTextEncoder(clip, truncate=not straightforward)
             if cfg.prompt == "learnable":
                 self.prompt = LearnablePrompt(class_names, encoder, cfg.prompt_prefix, cfg.prompt_postfix,
                                               tokenizer)
             else:
-                self.prompt = HandcraftedPrompt(class_names, encoder, cfg.handcrafted_template, tokenizer)
+                self.prompt = HandcraftedPrompt(class_names, encoder, cfg.handcrafted_template, tokenizer,
+                                                use_cache=not straightforward)
             self.a_branch = AlignmentBranch(cfg.embed_dim, cfg.visual_prompt, cfg.visual_prompt_weights,
                                             cfg.text_ffn_residual, cfg.temperature, cfg.mlp_ratio)
 
@@ -56,19 +62,7 @@ class VadCLIP(nn.Module):
         frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
-    def set_straightforward(self, on: bool = True) -> None:
-        """Switch off the exact speed-ups (for the bench and the equality tests): full 77-token text
-        encoder, no cached class embeddings, the scipy distance adjacency rebuilt every forward, local
-        attention as a masked full-length attention."""
-        if self.temporal.local is not None:
-            self.temporal.local.windows_as_batch = not on
-        if self.prompt is not None:
-            self.prompt.encoder.truncate = not on
-            if isinstance(self.prompt, HandcraftedPrompt):
-                self.prompt.use_cache = not on
-        if self.temporal.gcn is not None:
-            self.temporal.gcn.rebuild_distance = on
 
-
-def build_model(cfg: ModelConfig, class_names: list[str], clip: nn.Module, tokenizer) -> VadCLIP:
-    return VadCLIP(cfg, class_names, clip, tokenizer)
+def build_model(cfg: ModelConfig, class_names: list[str], clip: nn.Module, tokenizer,
+                straightforward: bool = False) -> VadCLIP:
+    return VadCLIP(cfg, class_names, clip, tokenizer, straightforward)

@@ -1,0 +1,91 @@
+"""Study reports built from MLflow alone: `python -m study.report NAME [--tracking-uri URI] [--parent RUN_ID]`.
+
+Ablations: one row per variant (spec order) with mean ± std and n over seeds of the FINISHED trials, the
+paper's numbers, a paired t-test of every row against the full model over seeds matched by the `seed` tag
+and the failed trials. Searches: the top 5 trials by the final metric, trial status counts, Optuna
+parameter importances and the final metric against each searched parameter. Every output (md, tex, csv,
+png) is computed in memory first and then written atomically, so a failure leaves nothing partial.
+
+Modules: `context` (MLflow -> `Context`), `ablation`, `search` (tables, statistics, grids, notes, plots on
+DataFrames), `notes` (protocol and provenance notes), `render` (Markdown, LaTeX, numbers, PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from study.report.ablation import ablation_report
+from study.report.context import ReportError, read_context
+from study.report.render import finite, tex_file
+from study.report.search import search_report
+from study.spec import StudySpec, load
+from study.tracking import default_tracking_uri
+from vadclip.errors import VadClipError
+from vadclip.io import write_atomically
+from vadclip.metrics import CORE_METRICS as CORE
+
+__all__ = ["ReportError", "ReportFiles", "build_report", "main"]
+
+
+@dataclass(eq=False)
+class ReportFiles:
+    md: Path
+    tex: Path
+    csv: Path
+    plots: list[Path]
+    table: pd.DataFrame  # ablation: one row per variant (fractions); search: one row per finished trial
+    text: str = ""  # the main markdown table, for the console
+    notes: list[str] = field(default_factory=list)
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> metric -> mean, for the parent
+
+
+def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> ReportFiles:
+    """Read the study's runs from MLflow, compute the report in memory, then write md/tex/csv/png to out_dir."""
+    ctx = read_context(spec, tracking_uri, parent_run_id)
+    out_dir = Path(out_dir)
+    doc = (ablation_report if spec.kind == "ablation" else search_report)(ctx)
+    files = ReportFiles(out_dir / f"{spec.name}.md", out_dir / f"{spec.name}.tex", out_dir / f"{spec.name}.csv",
+                        [out_dir / doc.plot_name], doc.table, doc.text, doc.notes, summary(spec, doc.table))
+    write_atomically({files.md: doc.md.encode(), files.tex: tex_file(doc.tex, spec.name, ctx.parent_id).encode(),
+                      files.csv: doc.csv.encode(), files.plots[0]: doc.plot})
+    return files
+
+
+def summary(spec: StudySpec, table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per ablation row the mean of each core metric; for a search the best trial's metrics (fractions as
+    logged): what the parent run shows in MLflow's chart view."""
+    if spec.kind == "ablation":
+        return {str(v): {m: float(row[f"{m}_mean"]) for m in CORE if finite(row.get(f"{m}_mean"))}
+                for v, row in table.iterrows()}
+    if table.empty:
+        return {}
+    best = table.iloc[0]
+    return {"best": {m: float(best[m]) for m in (*CORE, *[c for c in table if c.startswith("val_")])
+                     if m in table and finite(best[m])}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="study name (search_spaces/NAME.yaml) or a spec path")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI")
+                        or default_tracking_uri(Path.cwd()),
+                        help="MLflow tracking URI (default: ./mlruns.db, as python -m study.run)")
+    parser.add_argument("--parent", default=None, help="parent run id (default: the newest with a finished trial)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    args = parser.parse_args(argv)
+    try:
+        files = build_report(load(args.name), args.tracking_uri, args.out, args.parent)
+    except VadClipError as err:
+        print(f"study.report: {err}", file=sys.stderr)
+        return 2
+    print(files.text)
+    print()
+    for path in (files.md, files.tex, files.csv, *files.plots):
+        print(f"wrote {path}")
+    return 0

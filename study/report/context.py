@@ -1,0 +1,148 @@
+"""Reading a study's runs from MLflow into a `Context`: the parent run, its trials as rows, the data style."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from study.report.render import date_text
+from study.spec import StudySpec
+from study.tracking import PARENT, TRIAL
+from study.tracking import client as tracking_client
+from vadclip.errors import VadClipError
+from vadclip.metrics import CORE_METRICS as CORE
+
+FINAL = "metrics.final/"
+FINAL_VAL = "metrics.final/val/"  # the validation metrics of the selected checkpoint
+
+
+class ReportError(VadClipError, RuntimeError):
+    """Nothing to report (no experiment, no parent run, no finished trial); the message says what is missing."""
+
+
+def finished_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"] == "FINISHED"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every part of a report needs to know about the runs it describes."""
+
+    spec: StudySpec
+    uri: str
+    parent: pd.Series
+    children: pd.DataFrame  # every trial run of the parent, any status
+    dataset: str
+    style: str
+    metric: str  # the spec's main metric resolved for the data style
+    date: str
+
+    @property
+    def finished(self) -> pd.DataFrame:
+        return finished_runs(self.children)
+
+    @property
+    def parent_id(self) -> str:
+        return str(self.parent["run_id"])
+
+
+def read_context(spec: StudySpec, uri: str, parent_run_id: str | None) -> Context:
+    client = _client(uri)
+    experiment_id = _experiment(client, spec.name, uri)
+    parent = _parent(client, experiment_id, spec.name, parent_run_id)
+    children = _children(client, experiment_id, parent, spec.name)
+    dataset = tag(parent, "dataset") or tag(children, "dataset") or spec.preset
+    style = data_style(dataset, children)
+    date = date_text(datetime.now(UTC).timestamp() * 1000)
+    return Context(spec, uri, parent, children, dataset, style, spec.resolve_metric(style), date)
+
+
+def _client(uri: str) -> MlflowClient:
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # MLflow would silently create an empty store; a report must not write anything
+        raise ReportError(f"no MLflow store at {uri} (the file does not exist)")
+    return tracking_client(uri)
+
+
+def _runs(client: MlflowClient, experiment_id: str, filter_string: str) -> pd.DataFrame:
+    """Runs as rows with `status`, `start_time`, `metrics.*`, `params.*`, `tags.*` (mlflow.search_runs's names)."""
+    rows, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=5000, page_token=token,
+                                  order_by=["attributes.start_time DESC"])
+        for run in page:
+            row: dict[str, Any] = {"run_id": run.info.run_id, "status": run.info.status,
+                                   "start_time": run.info.start_time, "end_time": run.info.end_time}
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows, columns=None if rows else ["run_id", "status", "start_time", "end_time"])
+
+
+def _experiment(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        raise ReportError(f"no MLflow experiment {name!r} in {uri}; run the study first")
+    return exp.experiment_id
+
+
+def _parent(client: MlflowClient, experiment_id: str, name: str, parent_run_id: str | None) -> pd.Series:
+    parents = _runs(client, experiment_id, f"tags.`vadclip.role` = '{PARENT}'")
+    if parent_run_id is not None:
+        match = parents[parents["run_id"] == parent_run_id]
+        if match.empty:
+            raise ReportError(f"run {parent_run_id} is not a parent run (vadclip.role={PARENT}) of study {name!r}")
+        return match.iloc[0]
+    # the newest invocation with results: one that failed at its start or was interrupted before any trial
+    # finished has nothing to show
+    for _, parent in parents.sort_values("start_time", ascending=False).iterrows():
+        runs = _runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent['run_id']}' and "
+                                            "attributes.status = 'FINISHED'")
+        if not runs.empty:
+            return parent
+    raise ReportError(f"study {name!r} has no parent run (vadclip.role={PARENT}) with a FINISHED trial; "
+                      f"{len(parents)} parent run(s) without results")
+
+
+def _children(client: MlflowClient, experiment_id: str, parent: pd.Series, name: str) -> pd.DataFrame:
+    runs = _runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    if "tags.vadclip.role" in runs:
+        runs = runs[runs["tags.vadclip.role"].fillna(TRIAL) == TRIAL]
+    if runs.empty or not (runs["status"] == "FINISHED").any():
+        counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
+        raise ReportError(f"parent run {parent['run_id']} of study {name!r} has no FINISHED trial runs "
+                          f"(trials by status: {counts or 'none'})")
+    return runs.reset_index(drop=True)
+
+
+def tag(row: pd.Series | pd.DataFrame, key: str, default: str = "") -> str:
+    """A run's tag; of a column of runs, its single value (the default when mixed or absent)."""
+    value = row.get(f"tags.{key}")
+    if isinstance(value, pd.Series):
+        values = value.dropna().unique()
+        return str(values[0]) if len(values) == 1 else default
+    return default if value is None or value != value else str(value)
+
+
+def data_style(dataset: str, children: pd.DataFrame) -> str:
+    """ucf or xd; synthetic data carries its convention in the `data.synthetic.style` param."""
+    if dataset == "synthetic" and "params.data.synthetic.style" in children:
+        styles = children["params.data.synthetic.style"].dropna().unique()
+        return "ucf" if list(styles) == ["ucf"] else "xd"
+    return "ucf" if dataset == "ucf" else "xd"
+
+
+def final_metrics(runs: pd.DataFrame) -> list[str]:
+    """The `final/*` metric names present, core ones first (paper order), then mAP levels, then the rest."""
+    names = [c[len(FINAL):] for c in runs.columns if c.startswith(FINAL) and "/" not in c[len(FINAL):]]
+    levels = sorted(n for n in names if n.startswith("map_iou"))
+    rest = sorted(n for n in names if n not in CORE and n not in levels)
+    return [m for m in CORE if m in names] + levels + rest

@@ -1,0 +1,86 @@
+"""The notes both kinds of report carry: dataset and evaluation protocol, the paper's numbers, provenance."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from study.report.context import Context, tag
+from study.report.render import date_text
+
+AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
+MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
+SYNTHETIC_NOTE = "synthetic data: the paper's values are for the real dataset, shown for orientation only"
+
+
+def protocol_notes(ctx: Context) -> list[str]:
+    """Dataset, model selection, AP and mAP definitions."""
+    selection = _describe(ctx, "selection", "eval.selection")
+    protocol = _describe(ctx, "map_protocol", "eval.map_protocol",
+                         lambda p: f"{p} ({MAP_NOTES.get(p, 'unknown protocol')})")
+    notes = [f"Dataset: {ctx.dataset} ({ctx.style}-style labels); model selection on {selection}; the selected "
+             "checkpoint re-evaluated on test.", AP_NOTE + ".", f"mAP protocol: {protocol}."]
+    branch = _describe(ctx, "score_branch")
+    if branch != "unknown":
+        notes.append(f"Scores from branch: {branch}.")
+    return notes
+
+
+def paper_note(ctx: Context) -> list[str]:
+    return [SYNTHETIC_NOTE + "."] if ctx.dataset == "synthetic" else []
+
+
+def planned(parent: pd.Series, param: str, default: Any) -> str:
+    """The invocation's value (the parent's `study.trials`/`study.seeds` params count --num-samples/--seeds
+    overrides; the YAML's value does not)."""
+    value = parent.get(f"params.{param}")
+    return str(value) if value is not None and value == value else str(default)
+
+
+def provenance(ctx: Context) -> str:
+    status = str(ctx.parent["status"])
+    partial = f" ({status}: partial results)" if status != "FINISHED" else ""
+    code = tag(ctx.parent, "code_version") or "unknown"
+    started = date_text(ctx.parent.get("start_time"))
+    return (f"MLflow {display_uri(ctx.uri)}, experiment {ctx.spec.name}, parent run {ctx.parent_id}{partial} "
+            f"started {started}, code version {code}; report generated {ctx.date}.")
+
+
+def display_uri(uri: str) -> str:
+    """A SQLite store inside the current folder as a relative URI: reports carry no machine path."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            return f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve())}"
+        except ValueError:
+            return uri
+    return uri
+
+
+def _describe(ctx: Context, key: str, param: str | None = None, explain: Callable[[str], str] = str) -> str:
+    """A trial's common value, with the rows that differ (e.g. the one row that switches the mAP protocol)."""
+    values = _per_variant(ctx.children, key, param)
+    counts = Counter(values.values())
+    common = counts.most_common(1)[0][0] if counts else ""
+    if not common and len(counts) <= 1:  # the trials lack it: the parent's tag
+        return explain(tag(ctx.parent, key) or "unknown")
+    exceptions = [f"{v}: {explain(val) if val else 'mixed'}" for v, val in values.items() if val != common]
+    return (explain(common) if common else "mixed") + (f"; except {'; '.join(exceptions)}" if exceptions else "")
+
+
+def _per_variant(children: pd.DataFrame, key: str, param: str | None = None) -> dict[str, str]:
+    """A trial's value per variant ('' where the variant's trials disagree): the config param where it is
+    logged (it is the trial's own config; the runner's tags may carry the study's base value), else the tag."""
+    column = f"params.{param}" if param and f"params.{param}" in children else f"tags.{key}"
+    if column not in children or "tags.variant" not in children:
+        return {}
+    return {str(v): _single(rows[column]) for v, rows in children.groupby("tags.variant", sort=False)}
+
+
+def _single(values: pd.Series) -> str:
+    distinct = values.dropna().unique()
+    return str(distinct[0]) if len(distinct) == 1 else ""

@@ -1,0 +1,200 @@
+"""Search reports: the top trials by the metric the search optimised, trial status counts, Optuna parameter
+importances and the final metric against each searched parameter."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
+
+from study.report.context import FINAL, FINAL_VAL, Context, ReportError, final_metrics, tag
+from study.report.notes import planned, protocol_notes, provenance
+from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
+from study.space import Domain
+from vadclip.metrics import CORE_METRICS as CORE
+from vadclip.metrics import label, percent_scale
+
+TOP_K = 5
+
+
+def search_report(ctx: Context) -> Document:
+    spec, metric = ctx.spec, ctx.metric
+    finished = ctx.finished
+    if FINAL + metric not in finished or finished[FINAL + metric].isna().all():
+        raise ReportError(f"no FINISHED trial of parent run {ctx.parent_id} logged final/{metric}")
+    rank = rank_column(ctx.parent, finished, metric)
+    table = search_table(spec.space, finished, metric, rank)
+    counts = status_counts(ctx.children)
+    importances, importance_note = param_importances(spec.space, table, rank)
+    notes = search_notes(ctx, counts, importance_note, rank)
+    grid = search_grid(table, list(spec.space), metric, rank)
+    text = to_markdown(grid)
+    plot_name = f"{spec.name}_params.png"
+    name = label(metric)
+    md = [f"# {spec.name}: {spec.description}", "", f"## Top {TOP_K} trials by final {name}", "", text, "",
+          "## Parameter importances (Optuna fANOVA)", ""]
+    md += [to_markdown(importance_grid(importances)), ""] if importances else [f"_{importance_note}_", ""]
+    md += ["## Protocol", "", *[f"- {n}" for n in notes], "", f"![final {name} per parameter]({plot_name})", ""]
+    tex = to_latex(grid, f"{spec.description}: top {TOP_K} trials by final {name}", tex_label(spec.name), notes)
+    if importances:
+        tex += to_latex(importance_grid(importances), f"{spec.name}: parameter importances (Optuna fANOVA)",
+                        tex_label(spec.name) + "-importance", [])
+    return Document(table, text, notes, "\n".join(md), tex, table.to_csv(index_label="trial"), plot_name,
+                    search_plot(table, spec.space, metric, rank, spec.name))
+
+
+# ---------------------------------------------------------------- the table, ranking and importances
+
+
+def rank_column(parent: pd.Series, finished: pd.DataFrame, metric: str) -> str:
+    """What a search is ranked by: the metric it optimised, i.e. the selected checkpoint's validation metric
+    (`val_<metric>`) under `eval.selection=val`; the test metric under the authors' `selection=test`."""
+    if tag(parent, "selection", "val") == "val" and FINAL_VAL + metric in finished:
+        return f"val_{metric}"
+    return metric
+
+
+def search_table(space: dict[str, Domain], finished: pd.DataFrame, metric: str, rank: str) -> pd.DataFrame:
+    """One row per FINISHED trial with a `rank` value, best first: searched params (typed), final test metrics
+    and the selected checkpoint's validation metric."""
+    index = finished.get("tags.trial_id", finished["run_id"]).fillna(finished["run_id"])
+    table = pd.DataFrame({"run_id": finished["run_id"].to_numpy()}, index=pd.Index(index.to_numpy(), name="trial"))
+    for key, domain in space.items():
+        raw = finished.get(f"params.{key}", pd.Series(None, index=finished.index))
+        table[key] = [_safe_value(v, domain) for v in raw]
+    for m in final_metrics(finished):
+        table[m] = finished[FINAL + m].to_numpy()
+    if FINAL_VAL + metric in finished:
+        table[f"val_{metric}"] = finished[FINAL_VAL + metric].to_numpy()
+    table["epochs"] = finished["metrics.epoch"].to_numpy() if "metrics.epoch" in finished else math.nan
+    return table.dropna(subset=[rank]).sort_values(rank, ascending=False, kind="stable")
+
+
+def _safe_value(raw: Any, domain: Domain) -> Any:
+    if raw is None or raw != raw:
+        return None
+    try:
+        return domain.value(raw)
+    except ValueError:
+        return raw  # kept as logged; the importance step skips it
+
+
+def status_counts(children: pd.DataFrame) -> dict[str, int]:
+    """Trials per MLflow status, plus `early-stopped`: not failed, tagged so or with fewer epochs than the longest."""
+    counts = {str(k): int(v) for k, v in children["status"].value_counts().items()}
+    alive = children[~children["status"].isin(["FAILED", "RUNNING"])]  # running: not stopped (yet)
+    early = pd.Series(False, index=alive.index)
+    if "tags.stopped_early" in alive:
+        early |= alive["tags.stopped_early"].fillna("").str.lower() == "true"
+    if "metrics.epoch" in children and children["metrics.epoch"].notna().any():
+        early |= alive["metrics.epoch"].fillna(0) < children["metrics.epoch"].max()
+    counts["early-stopped"] = int(early.sum())
+    return counts
+
+
+def param_importances(space: dict[str, Domain], table: pd.DataFrame, metric: str) -> tuple[dict[str, float],
+                                                                                          str | None]:
+    """fANOVA importances (Optuna) of the searched params for `metric`; a note instead when undefined."""
+    keys = list(space)
+    if len(keys) == 1:
+        return {}, f"a single searched parameter ({keys[0]}): its importance is 1 by definition"
+    dists = {k: space[k].optuna() for k in keys}
+    trials, skipped = [], 0
+    for record in table[[*keys, metric]].to_dict("records"):
+        try:
+            params = {k: space[k].value(record[k]) for k in keys}
+            trials.append(optuna.trial.create_trial(params=params, distributions=dists, value=float(record[metric])))
+        except (ValueError, TypeError):  # a param missing or outside the spec's space (spec edited since)
+            skipped += 1
+    skip_note = f" ({skipped} trial(s) skipped: params outside the space)" if skipped else ""
+    if len(trials) < 2:
+        return {}, f"importances need at least 2 finished trials, have {len(trials)}{skip_note}"
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line per report
+    try:
+        study = optuna.create_study(direction="maximize")
+        study.add_trials(trials)
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # seeded: reproducible reports
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (RuntimeError, ValueError) as err:  # e.g. all trials scored the same
+        return {}, f"importances could not be computed: {err}{skip_note}"
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return {k: float(v) for k, v in values.items()}, (skip_note.strip(" ()") or None)
+
+
+# ---------------------------------------------------------------- grids, notes, plot
+
+
+def search_grid(table: pd.DataFrame, keys: list[str], metric: str, rank: str) -> Grid:
+    """The top TOP_K trials; the ranked column of the best one in bold."""
+    others = [m for m in CORE if m != metric and m in table]
+    ranked = [rank] if rank != metric else []
+    headers = ["Trial", *keys, *[f"{label(metric)} (val, ranked)" for _ in ranked],
+               f"{label(metric)} (test)" + ("" if ranked else ", ranked"), *[label(m) for m in others],
+               "best epoch", "epochs"]
+    grid = Grid(headers, [])
+    for trial, row in table.head(TOP_K).iterrows():
+        cells = [str(trial), *[param_text(row[k]) for k in keys]]
+        cells += [num(row[r] * percent_scale(metric)) for r in ranked]
+        cells += [num(row[m] * percent_scale(m)) for m in (metric, *others)]
+        cells += [num(row.get("best_epoch"), 0), num(row.get("epochs"), 0)]
+        grid.rows.append(cells)
+    if grid.rows:
+        grid.bold.add((0, len(keys) + 1))
+    return grid
+
+
+def importance_grid(importances: dict[str, float]) -> Grid:
+    return Grid(["Parameter", "Importance"], [[k, f"{v:.3f}"] for k, v in importances.items()])
+
+
+def _rank_text(metric: str, rank: str) -> str:
+    if rank != metric:
+        return f"the validation {label(metric)} of each trial's selected checkpoint (what the search optimised)"
+    return f"the test {label(metric)} of the selected checkpoint (selection on test: the authors' protocol)"
+
+
+def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | None, rank: str) -> list[str]:
+    statuses = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "early-stopped")
+    space = "; ".join(f"{k}: {d.describe()}" for k, d in ctx.spec.space.items())
+    scheduler = ", ".join(f"{k}={v}" for k, v in ctx.spec.scheduler.items())
+    notes = [f"Trials: {len(ctx.children)} ({statuses}); early-stopped (tag stopped_early or fewer epochs than "
+             f"the longest trial): {counts['early-stopped']}; failed: {counts.get('FAILED', 0)}.",
+             f"Ranked by {_rank_text(ctx.metric, rank)}; test metrics of the selected checkpoint beside it; all "
+             "metrics in percent as the paper.",
+             f"Searched space: {space}; scheduler: {scheduler}; "
+             f"samples: {planned(ctx.parent, 'study.trials', ctx.spec.num_samples)}.",
+             *protocol_notes(ctx)]
+    if importance_note:
+        notes.append(f"Importances: {importance_note}.")
+    notes.append(provenance(ctx))
+    return notes
+
+
+def search_plot(table: pd.DataFrame, space: dict[str, Domain], metric: str, rank: str, title: str) -> bytes:
+    """`rank` against each searched parameter, one panel each (log x for loguniform); best = star."""
+    keys, scale = list(space), percent_scale(metric)
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False)
+    y = table[rank].to_numpy(dtype=float) * scale
+    for ax, key in zip(axes.flat, keys):
+        x = space[key].axis(ax, table[key])
+        ax.scatter(x, y, color="tab:blue", alpha=0.8)
+        ax.scatter(x[:1], y[:1], color="tab:red", marker="*", s=120, zorder=3, label="best")  # table is sorted
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{'validation' if rank != metric else 'test'} {label(metric)}"
+                      + (" (%)" if scale == 100 else ""))
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    axes[0, 0].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return png(fig)

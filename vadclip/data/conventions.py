@@ -1,0 +1,79 @@
+"""The benchmarks' conventions, each defined once: what the authors' released lists, features and code fix.
+
+Class codes and prompts (index 0 = normal), the normal label of the ground truth, 16-frame snippets,
+feature file names `<video>__<k>.npy`, the list / ground-truth file names and the default test crop.
+Constants and name functions only (no I/O): the readers (`layout`, `classes`, `dataset`), the writers
+(`synthetic`, `vadclip.extract`), the metrics and the plots import them from here.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+
+# Class codes as the authors' list labels write them, index 0 = normal: UCF-Crime class folder names,
+# XD-Violence the keys of the authors' label_map (a list label joins up to 3 of them, `B2-G-B6`).
+CLASS_CODES: dict[str, list[str]] = {
+    "ucf": ["Normal", "Abuse", "Arrest", "Arson", "Assault", "Burglary", "Explosion", "Fighting",
+            "RoadAccidents", "Robbery", "Shooting", "Shoplifting", "Stealing", "Vandalism"],
+    "xd": ["A", "B1", "B2", "B4", "B5", "B6", "G"],
+}
+# The authors' label_map values, in the same order as CLASS_CODES (`roadAccidents` is one word).
+CLASS_PROMPTS: dict[str, list[str]] = {
+    "ucf": ["normal", "abuse", "arrest", "arson", "assault", "burglary", "explosion", "fighting",
+            "roadAccidents", "robbery", "shooting", "shoplifting", "stealing", "vandalism"],
+    "xd": ["normal", "fighting", "shooting", "riot", "abuse", "car accident", "explosion"],
+}
+XD_PAD = "0"  # filler code of the authors' XD list labels (`B1-0-0`)
+XD_LABEL_CODES = 3  # an XD list label holds 3 codes, padded with XD_PAD (`B1-0-0`, `B2-G-B6`)
+# Segment label of every normal video in the authors' gt_label*.npy files, in both datasets.
+GT_NORMAL = "A"
+
+SNIPPET_FRAMES = 16  # frames per CLIP snippet (the authors' features): a video of T snippets has 16*T gt frames
+
+DEFAULT_TEST_CROP = {"ucf": 5, "xd": 0}  # the single crop the authors' test lists use
+
+CROP_SEPARATOR = "__"  # the authors' feature files are `<video>__<k>.npy`, k = crop index
+FEATURE_SUFFIX = ".npy"
+_CROP = re.compile(rf"^(?P<video>.+){CROP_SEPARATOR}(?P<crop>\d+)$")
+
+
+def check_style(style: str) -> None:
+    if style not in CLASS_CODES:
+        raise ValueError(f"unknown label style {style!r}; expected one of {sorted(CLASS_CODES)}")
+
+
+def list_files(style: str) -> dict[str, str]:
+    """Official file names in the authors' `list/` folder."""
+    check_style(style)
+    if style == "ucf":
+        return {"train": "ucf_CLIP_rgb.csv", "test": "ucf_CLIP_rgbtest.csv", "frame_gt": "gt_ucf.npy",
+                "segments": "gt_segment_ucf.npy", "segment_labels": "gt_label_ucf.npy"}
+    return {"train": "xd_CLIP_rgb.csv", "test": "xd_CLIP_rgbtest.csv", "frame_gt": "gt.npy",
+            "segments": "gt_segment.npy", "segment_labels": "gt_label.npy"}
+
+
+def crop_file_name(video: str, k: int) -> str:
+    """(`Abuse001_x264`, 3) -> `Abuse001_x264__3.npy`: the feature file of crop `k` of a video."""
+    return f"{video}{CROP_SEPARATOR}{k}{FEATURE_SUFFIX}"
+
+
+def split_crop(stem: str) -> tuple[str, int]:
+    """`Abuse001_x264__3` -> (`Abuse001_x264`, 3); only the LAST `__<digits>` is the crop (XD names
+    contain `__#`). A stem without a crop suffix is crop 0."""
+    m = _CROP.match(stem)
+    return (m["video"], int(m["crop"])) if m else (stem, 0)
+
+
+def crop_index(file_name: str, video: str) -> int | None:
+    """k when `file_name` is a crop file of `video` (`<video>__<k>.npy`, k any digits), else None."""
+    prefix = video + CROP_SEPARATOR
+    if not (file_name.startswith(prefix) and file_name.endswith(FEATURE_SUFFIX)):
+        return None
+    k = file_name[len(prefix):-len(FEATURE_SUFFIX)]
+    return int(k) if k.isdigit() else None
+
+
+def crop_glob(video: str) -> str:
+    """Glob pattern of every crop file of `video`: `<video>__*.npy`, the video name escaped."""
+    return f"{glob.escape(video)}{CROP_SEPARATOR}*{FEATURE_SUFFIX}"
