@@ -14,7 +14,7 @@ from study.report.render import date_text
 
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
-SYNTHETIC_NOTE = "synthetic data: the paper's values are for the real dataset, shown for orientation only"
+SYNTHETIC_NOTE = "Synthetic data: the paper's values are for the real dataset, shown for orientation only"
 
 
 def protocol_notes(ctx: Context) -> list[str]:
@@ -43,7 +43,10 @@ def planned(parent: pd.Series, param: str, default: Any) -> str:
 
 def provenance(ctx: Context) -> str:
     status = str(ctx.parent["status"])
-    partial = f" ({status}: partial results)" if status != "FINISHED" else ""
+    # an interrupted or failed invocation, or one whose trials still run; the report a study writes at its
+    # end (parent still RUNNING, every trial ended) is complete
+    unfinished = status in ("KILLED", "FAILED") or status == "RUNNING" and (ctx.children["status"] == "RUNNING").any()
+    partial = f" ({status}: partial results)" if unfinished else ""
     code = tag(ctx.parent, "code_version") or "unknown"
     started = date_text(ctx.parent.get("start_time"))
     return (f"MLflow {display_uri(ctx.uri)}, experiment {ctx.spec.name}, parent run {ctx.parent_id}{partial} "

@@ -320,3 +320,20 @@ def test_search_ranks_by_the_validation_metric_it_optimised(store: dict[str, str
     assert "AP (val, ranked)" in header and "AP (test)" in header
     assert "Ranked by the validation AP" in files.md.read_text()
     assert files.summary == {"best": {"auc": 0.9, "ap": 0.70, "ano_auc": 0.6, "map_avg": 20.0, "val_ap": 0.95}}
+
+
+def test_an_interrupted_invocation_with_results_is_reported_as_partial(store: dict[str, str], tmp_path: Path) -> None:
+    c = MlflowClient(tracking_uri=store["uri"])
+    exp = c.create_experiment("ablation_k", artifact_location=(tmp_path / "artifacts").as_uri())
+    now = int(time.time() * 1000)
+    done = _parent(c, exp, "ablation_k", "ablation", "FINISHED", now - 60_000)
+    _trial(c, exp, done, "Baseline", 0, _final(0.5, 0.5, 0.5, 5.0), {"model.temporal": "none"})
+    killed = _parent(c, exp, "ablation_k", "ablation", "KILLED", now)  # Ctrl-C after one trial finished
+    _trial(c, exp, killed, "Baseline", 0, _final(0.6, 0.6, 0.6, 6.0), {"model.temporal": "none"})
+    _parent(c, exp, "ablation_k", "ablation", "FAILED", now + 60_000)  # failed before any trial: skipped
+    files = report.build_report(parse({**ABLATION, "name": "ablation_k"}, Path("ablation_k.yaml")), store["uri"],
+                                tmp_path)
+    assert f"parent run {killed} (KILLED: partial results)" in files.md.read_text()
+    complete = report.build_report(parse({**ABLATION, "name": "ablation_k"}, Path("ablation_k.yaml")),
+                                   store["uri"], tmp_path / "done", parent_run_id=done)
+    assert "partial results" not in complete.md.read_text()

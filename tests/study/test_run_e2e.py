@@ -170,7 +170,8 @@ def test_cli_prints_a_short_log_and_an_honest_report(tmp_path):
     assert sum("trials ended" in line for line in lines) >= 1  # the progress line
     md = tmp_path / "reports" / "tiny_cli.md"
     text = md.read_text()
-    assert "synthetic data: the paper's values are for the real dataset" in text
+    assert "Synthetic data: the paper's values are for the real dataset" in text
+    assert "partial results" not in text  # written at the study's end: complete
     assert "Seeds: 1 per variant planned; 1 seen (234)" in text
     assert str(tmp_path) not in text and "sqlite:///mlruns.db" in text  # no machine path
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "reports").iterdir())
