@@ -84,10 +84,3 @@ def html_report(markdown_text: str, pngs: Iterable[Path | str] | Mapping[str, by
         title = first.group(1) if first else "report"
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head><body>\n{body}\n{''.join(extra)}\n</body></html>\n")
-
-
-def write_html_report(md: Path, pngs: Iterable[Path | str]) -> Path:
-    """`<report>.html` beside `<report>.md`: html_report of the md and its PNGs. Returns its path."""
-    out = Path(md).with_suffix(".html")
-    out.write_text(html_report(Path(md).read_text(), pngs), encoding="utf-8")
-    return out

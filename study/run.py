@@ -257,7 +257,6 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
     from ray.tune.search import ConcurrencyLimiter, Searcher
     from ray.tune.search.optuna import OptunaSearch
 
-    from study.plots import write_html_report
     from study.progress import StudyProgress
     from study.report import build_report
     from study.tracking import (
@@ -332,8 +331,7 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
     stopped = close_unfinished_children(uri, experiment_id, parent_id, failures)
     reports = Path(opts.reports_dir or opts.project / "reports")
     files = build_report(spec, uri, reports, parent_run_id=parent_id)
-    html = write_html_report(files.md, files.plots)
-    log_artifacts(uri, parent_id, [files.md, html, files.tex, files.csv, *files.plots], "report")
+    log_artifacts(uri, parent_id, [files.md, files.html, files.tex, files.csv, *files.plots], "report")
     log_parent_summary(uri, parent_id, files.summary, prefix="mean" if spec.kind == "ablation" else "")
     set_status(uri, parent_id, "FINISHED")
     return {"parent_run_id": parent_id, "experiment_id": experiment_id, "tracking_uri": uri,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from study.plots import html_report
 from study.report.ablation import ablation_report
 from study.report.context import ReportError, read_context
 from study.report.render import finite, tex_file
@@ -38,6 +39,7 @@ class ReportFiles:
     md: Path
     tex: Path
     csv: Path
+    html: Path  # the md with its plot embedded: MLflow's artifact viewer shows it whole
     plots: list[Path]
     table: pd.DataFrame  # ablation: one row per variant (fractions); search: one row per finished trial
     text: str = ""  # the main markdown table, for the console
@@ -46,14 +48,16 @@ class ReportFiles:
 
 
 def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> ReportFiles:
-    """Read the study's runs from MLflow, compute the report in memory, then write md/tex/csv/png to out_dir."""
+    """Read the study's runs from MLflow, compute the report in memory, then write md/tex/csv/html/png."""
     ctx = read_context(spec, tracking_uri, parent_run_id)
     out_dir = Path(out_dir)
     doc = (ablation_report if spec.kind == "ablation" else search_report)(ctx)
     files = ReportFiles(out_dir / f"{spec.name}.md", out_dir / f"{spec.name}.tex", out_dir / f"{spec.name}.csv",
-                        [out_dir / doc.plot_name], doc.table, doc.text, doc.notes, summary(spec, doc.table))
+                        out_dir / f"{spec.name}.html", [out_dir / doc.plot_name], doc.table, doc.text, doc.notes,
+                        summary(spec, doc.table))
     write_atomically({files.md: doc.md.encode(), files.tex: tex_file(doc.tex, spec.name, ctx.parent_id).encode(),
-                      files.csv: doc.csv.encode(), files.plots[0]: doc.plot})
+                      files.csv: doc.csv.encode(), files.plots[0]: doc.plot,
+                      files.html: html_report(doc.md, {doc.plot_name: doc.plot}).encode()})
     return files
 
 
@@ -86,6 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(files.text)
     print()
-    for path in (files.md, files.tex, files.csv, *files.plots):
+    for path in (files.md, files.tex, files.csv, files.html, *files.plots):
         print(f"wrote {path}")
     return 0

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from mlflow.utils.validation import _validate_metric_name  # noqa: E402
 
-from study.plots import html_report, write_html_report  # noqa: E402
+from study.plots import html_report  # noqa: E402
 from study.tracking import (  # noqa: E402
     TrialRun,
     child_run_name,
@@ -131,5 +131,3 @@ def test_html_report_embeds_the_plot_as_a_data_uri(tmp_path):
     assert '<td style="text-align: right;"><strong>80.97 ± 2.83</strong></td>' in page
     assert "a | b</td>" in page and "<li>Mean ± std over seeds; <code>tags.seed</code>.</li>" in page
     assert html_report(md.read_text(), {png.name: png.read_bytes(), extra.name: extra.read_bytes()}) == page
-    out = write_html_report(md, [png])
-    assert out == tmp_path / "ablation_lgt.html" and "data:image/png;base64," in out.read_text()

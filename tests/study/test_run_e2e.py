@@ -67,6 +67,7 @@ def test_tiny_study_parent_children_and_report_match_mlflow(tmp_path, ray_local)
         assert table.loc[variant, "ap_mean"] == pytest.approx(row["mean"])
         assert table.loc[variant, "ap_std"] == pytest.approx(row["std"])
         assert table.loc[variant, "ap_n"] == row["count"]
+    assert "data:image/png;base64," in out["report"].html.read_text()  # the plot inside the page MLflow shows
     md = (tmp_path / "reports" / "tiny_ablation.md").read_text()
     assert "LGT" in md and "84.51" in md and "average_precision_score" in md
     assert (tmp_path / "reports" / "tiny_ablation.tex").read_text().count("\\toprule") == 1
