@@ -7,15 +7,12 @@ from __future__ import annotations
 import base64
 import re
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pytest
+from mlflow.utils.validation import _validate_metric_name
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-from mlflow.utils.validation import _validate_metric_name  # noqa: E402
-
-from study.plots import html_report  # noqa: E402
-from study.tracking import (  # noqa: E402
+from study.plots import html_report  # sets matplotlib's file-only backend
+from study.tracking import (
     TrialRun,
     child_run_name,
     client,
