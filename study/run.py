@@ -44,7 +44,7 @@ class RunOptions:
     flags: list[Override] = field(default_factory=list)  # --lists/--features/--clip-weights/--set as overrides
     seeds: int | None = None
     num_samples: int | None = None
-    max_epochs: int | None = None
+    max_epochs: int | None = None  # for callers without flags; the CLI's --max-epochs arrives in `flags`
     address: str = ""  # "" = start a local Ray; "auto" = join a running cluster; or HOST:PORT
     storage: str | None = None  # Ray storage_path (absolute path or URI)
     tracking_uri: str | None = None
@@ -392,9 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     t0 = time.perf_counter()
     try:
-        flags = [o for o in flag_overrides(args) if o.key != "optim.epochs"]
-        opts = RunOptions(dataset=args.dataset, flags=flags, seeds=args.seeds, num_samples=args.num_samples,
-                          max_epochs=args.epochs, address=args.address, storage=args.storage,
+        opts = RunOptions(dataset=args.dataset, flags=flag_overrides(args), seeds=args.seeds,
+                          num_samples=args.num_samples, address=args.address, storage=args.storage,
                           tracking_uri=args.tracking_uri, resume=args.resume, dry_run=args.dry_run,
                           num_cpus=args.num_cpus, verbose=args.verbose)
         summary = run_study(args.name, opts)

@@ -17,13 +17,14 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from vadclip.config import ConfigError, choices, coerce, field_type
+from vadclip.errors import VadClipError
 
 Kind = Literal["choice", "uniform", "loguniform", "randint", "quniform"]
 KINDS: tuple[str, ...] = get_args(Kind)
 ENUMERATE_AT_MOST = 1024  # an integer range up to this size is checked value by value, else at its corners
 
 
-class SpaceError(ValueError):
+class SpaceError(VadClipError, ValueError):
     """A domain that cannot be searched; `str()` is the reason without the file (the spec adds it)."""
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from study.space import Domain, SpaceError, validate_points
-from vadclip.cli import Override, blame
+from vadclip.cli import Override, as_dict, blame
 from vadclip.config import ConfigError, VadClipConfig, apply_overrides, coerce, field_type, preset
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS
@@ -214,29 +214,31 @@ def resolve(spec: StudySpec, dataset: str | None = None, flags: Sequence[Overrid
     dataset = dataset or spec.preset
     if dataset not in DATASETS:
         raise SpecError(f"--dataset {dataset!r} unknown; allowed: {', '.join(DATASETS)}")
-    # the spec alone first: an error here is the YAML's (for this dataset)
-    _build(spec, dataset, [], lambda err: f"{spec.path}{_on(dataset, spec)}: {err}")
-    return _build(spec, dataset, list(flags), lambda err: f"{_blame(spec, dataset, flags)}: {err}")
-
-
-def _on(dataset: str, spec: StudySpec) -> str:
-    return f" (with --dataset {dataset})" if dataset != spec.preset else ""
-
-
-def _build(spec: StudySpec, dataset: str, flags: list[Override], message) -> Resolved:
-    extra = {o.key: o.value for o in flags}
     try:
-        base = preset(dataset, spec.variant, {**spec.base, **extra})
-        rows = {v.name: preset(dataset, spec.variant, {**spec.base, **v.overrides, **extra})
-                for v in spec.variants}
-        validate_points(spec.space, lambda point: apply_trial(base, point))
+        return _build(spec, dataset, flags)
     except (ConfigError, SpaceError) as err:
-        raise SpecError(message(err)) from err
+        failure = err
+    # built again only to say whose fault it is: the spec alone (for this dataset), else the flags
+    try:
+        _build(spec, dataset, ())
+    except (ConfigError, SpaceError) as own:
+        on = f" (with --dataset {dataset})" if dataset != spec.preset else ""
+        raise SpecError(f"{spec.path}{on}: {own}") from own
+    culprits = blame(flags, lambda some: _build(spec, dataset, some))
+    raise SpecError(f"{culprits} (study {spec.path.name}): {failure}") from failure
+
+
+def _build(spec: StudySpec, dataset: str, flags: Sequence[Override]) -> Resolved:
+    extra = as_dict(flags)
+    base = preset(dataset, spec.variant, {**spec.base, **extra})
+    rows = {v.name: preset(dataset, spec.variant, {**spec.base, **v.overrides, **extra}) for v in spec.variants}
+    validate_points(spec.space, lambda point: apply_trial(base, point))
     return Resolved(dataset, base, rows)
 
 
-def _blame(spec: StudySpec, dataset: str, flags: Sequence[Override]) -> str:
-    return blame(flags, lambda f: _build(spec, dataset, f, str)) + f" (study {spec.path.name})"
+def sampled(params: dict[str, Any]) -> dict[str, Any]:
+    """A search trial's sampled config values from its Tune params (dotted keys; the others are variant, seed)."""
+    return {k: v for k, v in params.items() if "." in k}
 
 
 def apply_trial(base: VadClipConfig, overrides: dict[str, Any]) -> VadClipConfig:
@@ -245,4 +247,5 @@ def apply_trial(base: VadClipConfig, overrides: dict[str, Any]) -> VadClipConfig
     return apply_overrides(base, fixed)
 
 
-__all__ = ["SpecError", "StudySpec", "Variant", "Resolved", "available", "load", "parse", "resolve", "apply_trial"]
+__all__ = ["SpecError", "StudySpec", "Variant", "Resolved", "available", "load", "parse", "resolve", "apply_trial",
+           "sampled"]

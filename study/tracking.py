@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from study.spec import sampled
 from vadclip.errors import VadClipError
 from vadclip.metrics import mlflow_key
 
@@ -301,7 +302,7 @@ def record_failed_trials(uri: str, experiment_id: str, parent_id: str,
         if config:  # a tag, not params: a later attempt of the trial logs its full config as params
             run_tags["tune_config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
         name = child_run_name(run_tags.get("variant", "search"), run_tags.get("seed", "?"), trial_id,
-                              {k: v for k, v in config.items() if "." in k})
+                              sampled(config))
         run_id = retry(c.create_run, experiment_id, run_name=name, tags=run_tags).info.run_id
         retry(c.set_terminated, run_id, "FAILED")
         created.append(run_id)

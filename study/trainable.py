@@ -14,7 +14,7 @@ import torch
 from ray import tune
 
 from study.plots import score_curves
-from study.spec import apply_trial
+from study.spec import apply_trial, sampled
 from study.tracking import TrialRun, child_run_name
 from vadclip.config import VadClipConfig, apply_overrides, flatten
 from vadclip.data import VadDataset
@@ -45,8 +45,7 @@ class InjectedFailure(RuntimeError):
 def trial_config(params: dict[str, Any], ctx: TrialContext) -> tuple[VadClipConfig, str]:
     """The row's (or the search base's) config with the trial's seed and sampled values."""
     variant = params.get("variant", "search")
-    overrides = {k: v for k, v in params.items() if "." in k}
-    return apply_trial(ctx.rows.get(variant, ctx.base), {**overrides, "seed": params["seed"]}), variant
+    return apply_trial(ctx.rows.get(variant, ctx.base), {**sampled(params), "seed": params["seed"]}), variant
 
 
 def trial_device(requested: str, gpu_ids: Sequence[str | int], cuda_available: bool) -> str:
@@ -69,9 +68,8 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
     trial_id = tune.get_context().get_trial_id()
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     device = trial_device(cfg.device, gpu_ids, torch.cuda.is_available())
-    searched = {k: v for k, v in params.items() if "." in k}  # a search's sampled values
     run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
-                   run_name=child_run_name(variant, cfg.seed, trial_id, searched),
+                   run_name=child_run_name(variant, cfg.seed, trial_id, sampled(params)),
                    tags={**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
                          "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
                          "map_protocol": cfg.eval.map_protocol})

@@ -22,7 +22,15 @@ PROTOCOLS = ("official", "paper")
 # Names as computed: auc/ap/ano_auc (fractions), map@0.1..map@0.5 and map_avg (percent, as the authors print),
 # each also per branch with a `c_`/`a_` prefix. MLflow keys allow no '@': `map@0.1` is logged as `map_iou0.1`.
 CORE_METRICS = ("auc", "ap", "ano_auc", "map_avg")  # the paper's headline columns, in its order
-MAP_LEVELS = ("map@0.1", "map@0.2", "map@0.3", "map@0.4", "map@0.5")
+MAP_IOUS = (0.1, 0.2, 0.3, 0.4, 0.5)  # the IoU thresholds of the authors' getDetectionMAP
+
+
+def map_level(iou: float) -> str:
+    """The name of the mAP at one IoU threshold: 0.1 -> `map@0.1`."""
+    return f"map@{iou:g}"
+
+
+MAP_LEVELS = tuple(map_level(t) for t in MAP_IOUS)
 LABELS = {"auc": "AUC", "ap": "AP", "ano_auc": "AnoAUC", "map_avg": "mAP AVG"}
 FRACTIONS = ("auc", "ap", "ano_auc")  # logged as fractions, shown in percent
 
@@ -233,7 +241,7 @@ def _localization_ap(video_ids: np.ndarray, segs: np.ndarray, scores: np.ndarray
 
 def detection_map(class_probs: list[np.ndarray], segments: list[list[tuple[int, int]]],
                   segment_labels: list[list[str]], class_codes: list[str], protocol: str = "official",
-                  iou_thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
+                  iou_thresholds: Sequence[float] = MAP_IOUS,
                   snippet_frames: int = SNIPPET_FRAMES) -> dict[str, float]:
     """Fine-grained detection mAP@IoU in percent: `{"map@0.1": .., ..., "map_avg": mean of levels}`.
 
@@ -341,6 +349,6 @@ def detection_map(class_probs: list[np.ndarray], segments: list[list[tuple[int, 
             value = 100 * float(np.mean(aps)) if aps else 0.0
         else:
             value = 100 * float(np.mean(aps)) if aps else float("nan")
-        result[f"map@{th:g}"] = value
-    result["map_avg"] = float(np.mean([result[f"map@{th:g}"] for th in thresholds]))
+        result[map_level(th)] = value
+    result["map_avg"] = float(np.mean([result[map_level(th)] for th in thresholds]))
     return result

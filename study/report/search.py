@@ -35,11 +35,12 @@ def search_report(ctx: Context) -> Document:
     text = to_markdown(grid)
     plot_name = f"{spec.name}_params.png"
     name = label(metric)
-    md = [f"# {spec.name}: {spec.description}", "", f"## Top {TOP_K} trials by final {name}", "", text, "",
+    ranked_by = f"{'validation' if rank != metric else 'final'} {name}"  # the heading says what ranks the rows
+    md = [f"# {spec.name}: {spec.description}", "", f"## Top {TOP_K} trials by {ranked_by}", "", text, "",
           "## Parameter importances (Optuna fANOVA)", ""]
     md += [to_markdown(importance_grid(importances)), ""] if importances else [f"_{importance_note}_", ""]
     md += ["## Protocol", "", *[f"- {n}" for n in notes], "", f"![final {name} per parameter]({plot_name})", ""]
-    tex = to_latex(grid, f"{spec.description}: top {TOP_K} trials by final {name}", tex_label(spec.name), notes)
+    tex = to_latex(grid, f"{spec.description}: top {TOP_K} trials by {ranked_by}", tex_label(spec.name), notes)
     if importances:
         tex += to_latex(importance_grid(importances), f"{spec.name}: parameter importances (Optuna fANOVA)",
                         tex_label(spec.name) + "-importance", [])

@@ -319,6 +319,7 @@ def test_search_ranks_by_the_validation_metric_it_optimised(store: dict[str, str
     header = files.text.splitlines()[0]
     assert "AP (val, ranked)" in header and "AP (test)" in header
     assert "Ranked by the validation AP" in files.md.read_text()
+    assert "## Top 5 trials by validation AP" in files.md.read_text()
     assert files.summary == {"best": {"auc": 0.9, "ap": 0.70, "ano_auc": 0.6, "map_avg": 20.0, "val_ap": 0.95}}
 
 
