@@ -14,7 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -381,31 +381,38 @@ class TrialRun:
                         tags={"mlflow.parentRunId": parent_id, "vadclip.role": TRIAL, "trial_id": trial_id,
                               **tags})
             self.run_id, self.resumed = run.info.run_id, False
-        self.logged_epochs = set(self._logged_steps("epoch"))
-
-    def _logged_steps(self, key: str) -> list[int]:
-        return [m.step for m in retry(self.c.get_metric_history, self.run_id, key)]
+        # the epochs logged before (their values, as the x-axis is the global optimisation step)
+        self.logged_epochs = {int(m.value) for m in retry(self.c.get_metric_history, self.run_id, "epoch")}
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.has_params:  # params are immutable in MLflow; a resumed run has them already
             log_params(self.c, self.run_id, params)
             self.has_params = True
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Per-epoch metrics at step=epoch; an epoch already logged (before a crash) is not logged twice."""
+    def log_epoch(self, epoch: int, metrics: dict[str, float], evaluations: Iterable[Mapping[str, float]] = ()) -> None:
+        """One epoch's metrics and its step-wise `evaluations`, each at its global step (`step`: optimisation steps
+        so far; an epoch record without one is logged at step=epoch). An epoch already logged (before a crash)
+        is not logged twice."""
         if epoch in self.logged_epochs:
             return
         now = int(time.time() * 1000)
-        items = [Metric(mlflow_key(k), float(v), now, epoch) for k, v in metrics.items() if v == v]
-        items.append(Metric("epoch", float(epoch), now, epoch))
+        items = []
+        for record in (*evaluations, {**metrics, "epoch": epoch}):
+            step = int(record.get("step", epoch))
+            items += [Metric(mlflow_key(k), float(v), now, step) for k, v in record.items()
+                      if k not in ("step", "epoch") and v == v]
+        items.append(Metric("epoch", float(epoch), now, int(metrics.get("step", epoch))))
         for i in range(0, len(items), 1000):
             retry(self.c.log_batch, self.run_id, metrics=items[i:i + 1000])
         self.logged_epochs.add(epoch)
 
-    def backfill(self, history: list[dict[str, float]]) -> None:
-        """After a restore: log epochs that the checkpoint has but the run lost (no gaps)."""
+    def backfill(self, history: Sequence[Mapping[str, float]], evaluations: Sequence[Mapping[str, float]] = ()) -> None:
+        """After a restore: log epochs (and their step-wise evaluations) that the checkpoint has but the run
+        lost (no gaps)."""
         for record in history:
-            self.log_epoch(int(record["epoch"]), {k: v for k, v in record.items() if k != "epoch"})
+            epoch = int(record["epoch"])
+            self.log_epoch(epoch, {k: v for k, v in record.items() if k != "epoch"},
+                           [e for e in evaluations if int(e["epoch"]) == epoch])
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:
         """The trial's final metrics, once: a trial run again after it ended does not log them twice."""

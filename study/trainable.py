@@ -72,6 +72,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
                    run_name=child_run_name(variant, cfg.seed, trial_id, sampled(params)),
                    tags={**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
                          "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
+                         "selection_metric": cfg.selection_metric,
                          "map_protocol": cfg.eval.map_protocol})
     run.log_params(flatten(cfg))
     node = ray.get_runtime_context().get_node_id()
@@ -85,7 +86,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         resume = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="vadclip-restore-")))
         restored = load_checkpoint(resume / CHECKPOINT_LAST)
         placement["restored_from_epoch"] = str(restored["epoch"])
-        run.backfill(restored["history"])
+        run.backfill(restored["history"], restored.get("evaluations", []))
     else:
         run.delete_tag("restored_from_epoch")  # an earlier attempt's; this one starts from scratch
     run.set_tags(placement)
@@ -95,7 +96,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
     def on_epoch(record: EpochRecord) -> None:
         if ctx.fail_at_epoch.get(variant) == record.epoch:
             raise InjectedFailure(f"injected failure in {variant!r} at epoch {record.epoch}")
-        run.log_epoch(record.epoch, record.metrics)
+        run.log_epoch(record.epoch, record.metrics, record.evaluations)
         metrics = {mlflow_key(k): v for k, v in record.metrics.items()}
         nonlocal reporting
         reporting = True
@@ -106,7 +107,8 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         result = fit(cfg, data, out_dir=out_dir, callbacks=[on_epoch], resume=resume, progress=False)
         # test metrics of the selected checkpoint, and its validation metrics (what a search ranks by)
         run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"],
-                       **{f"val/{k}": v for k, v in result.metrics["val"].items()}}, step=cfg.optim.epochs)
+                       **{f"val/{k}": v for k, v in result.metrics["val"].items()}},
+                      step=int(result.history[-1]["step"]) if result.history else 0)
         run.log_artifact(out_dir / "config.json")
         run.log_artifact(out_dir / "metrics.json")
         chosen = result.metrics["test_branch"]  # also right for score_branch 'best'

@@ -37,18 +37,20 @@ CHECKPOINT_LAST, CHECKPOINT_BEST = "last.pt", "best.pt"
 @dataclass
 class EpochRecord:
     epoch: int  # 1-based
-    metrics: dict[str, float]  # train/..., val/..., test/..., lr
+    metrics: dict[str, float]  # train/..., val/..., test/..., lr, epoch, step (optimisation steps so far)
     is_best: bool
     out_dir: Path  # holds last.pt and best.pt after this epoch
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # this epoch's step-wise evaluations
 
 
 @dataclass
 class FitResult:
     metrics: dict[str, Any]  # what metrics.json holds
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]  # one record per epoch (EpochRecord.metrics)
     out_dir: Path
     test_predictions: Predictions | None = None
     model: VadCLIP | None = field(default=None, repr=False)
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # step-wise, each with epoch and step
 
 
 Callback = Callable[[EpochRecord], None]
@@ -169,8 +171,14 @@ class _Trainer:
     def evaluate(self, split: str) -> tuple[dict[str, float], Evaluation | None]:
         return _evaluate_split(self.model, self.data, split, self.cfg, self.device)
 
-    def resume(self, resume: str | Path) -> tuple[int, list[dict[str, float]]]:
-        """Restore weights, optimiser, schedule and best checkpoint; returns the epochs done and the history."""
+    def evaluate_both(self) -> dict[str, float]:
+        """One evaluation on the validation and the test split: what the histories hold, from which every
+        selection protocol (best on val, best on test, last) can be derived afterwards."""
+        return {**self.evaluate("val")[0], **self.evaluate("test")[0]}
+
+    def resume(self, resume: str | Path) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
+        """Restore weights, optimiser, schedule and best checkpoint; returns the epochs done, the history and
+        the step-wise evaluations."""
         ckpt = load_checkpoint(resume, self.device, required=("model", "optimizer", "scheduler", "epoch",
                                                               "best_score", "best_epoch", "history"))
         load_weights(self.model, ckpt["model"])
@@ -180,17 +188,19 @@ class _Trainer:
         folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         if (folder / CHECKPOINT_BEST).is_file():  # else the best stays the untrained weights
             self.best.state = load_checkpoint(folder / CHECKPOINT_BEST, self.device)["model"]
-        return ckpt["epoch"], list(ckpt["history"])
+        return ckpt["epoch"], list(ckpt["history"]), list(ckpt.get("evaluations", []))
 
-    def train_epoch(self, epoch: int, progress: bool) -> tuple[dict[str, float], bool]:
-        """One epoch of steps, then the schedule step: the mean loss terms, seconds and lr, and whether a
-        step-wise evaluation improved the best checkpoint."""
+    def train_epoch(self, epoch: int, first_step: int, progress: bool) -> tuple[dict[str, float], bool,
+                                                                            list[dict[str, float]]]:
+        """One epoch of steps, then the schedule step: the mean loss terms, seconds, lr and the global `step`
+        (optimisation steps so far, counted from `first_step`), whether a step-wise evaluation improved the best
+        checkpoint, and those evaluations (val and test metrics at their global step)."""
         cfg, data, model = self.cfg, self.data, self.model
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: resume replays it exactly
         batches = epoch_batches(data.train_labels[:, 0] > 0.5, cfg.optim.batch_size, cfg.optim.sampler, rng)
         sums: dict[str, float] = {}
-        improved, every = False, cfg.eval.eval_every_steps
+        improved, every, evaluations = False, cfg.eval.eval_every_steps, []
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
         t0 = time.perf_counter()
         for step, idx in enumerate(bar, start=1):
@@ -204,20 +214,25 @@ class _Trainer:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
-            if every and step % every == 0:
-                score = _selection_score(self.evaluate(cfg.eval.selection)[0], cfg)
-                improved = self.best.consider(score, epoch + 1) or improved
+            # the epoch-end evaluation follows the last step with the same weights: not evaluated twice
+            if every and step % every == 0 and step < len(batches):
+                metrics = self.evaluate_both()
+                evaluations.append({"epoch": epoch + 1, "step": first_step + step, **metrics})
+                improved = self.best.consider(_selection_score(metrics, cfg), epoch + 1) or improved
                 model.train()
         self.scheduler.step()
         record = {f"train/{k}": v / max(len(batches), 1) for k, v in sums.items()}
         record["train/seconds"] = time.perf_counter() - t0
         record["lr"] = self.optimizer.param_groups[0]["lr"]
-        return record, improved
+        record["step"] = first_step + len(batches)
+        return record, improved, evaluations
 
-    def save_last(self, epoch: int, history: list[dict[str, float]], path: Path) -> None:
+    def save_last(self, epoch: int, history: list[dict[str, float]], evaluations: list[dict[str, float]],
+                  path: Path) -> None:
         atomic_save({"model": self.model.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": self.best.score,
-                     "best_epoch": self.best.epoch, "history": history, "config": flatten(self.cfg)}, path)
+                     "best_epoch": self.best.epoch, "history": history, "evaluations": evaluations,
+                     "config": flatten(self.cfg)}, path)
 
     def final_metrics(self) -> tuple[dict[str, Any], Predictions | None]:
         """The best checkpoint re-evaluated: what metrics.json holds, and its test predictions."""
@@ -254,25 +269,26 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
     device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg)
     trainer = _Trainer(cfg, data, device, out_dir)
-    start_epoch, history = trainer.resume(resume) if resume is not None else (0, [])
+    start_epoch, history, evaluations = trainer.resume(resume) if resume is not None else (0, [], [])
     atomic_write_text(json.dumps(flatten(cfg), indent=1, default=list), out_dir / "config.json")
     if resume is None:
         trainer.best.save(0)  # untrained weights until a first evaluation beats them
     for epoch in range(start_epoch, cfg.optim.epochs):
-        record, improved = trainer.train_epoch(epoch, progress)
-        for split in ("val", "test"):
-            record.update(trainer.evaluate(split)[0])
+        first_step = int(history[-1].get("step", 0)) if history else 0
+        record, improved, stepwise = trainer.train_epoch(epoch, first_step, progress)
+        record.update(trainer.evaluate_both())
         improved = trainer.best.consider(_selection_score(record, cfg), epoch + 1) or improved
         if cfg.eval.reload_best:  # the authors continue each epoch from the best weights so far
             load_weights(trainer.model, trainer.best.state)
         record["epoch"] = epoch + 1
         history.append(record)
-        trainer.save_last(epoch + 1, history, out_dir / CHECKPOINT_LAST)
+        evaluations += stepwise
+        trainer.save_last(epoch + 1, history, evaluations, out_dir / CHECKPOINT_LAST)
         for callback in callbacks:
-            callback(EpochRecord(epoch + 1, record, improved, out_dir))
+            callback(EpochRecord(epoch + 1, record, improved, out_dir, stepwise))
     result, preds = trainer.final_metrics()
     atomic_write_text(json.dumps(result, indent=1, allow_nan=True), out_dir / "metrics.json")
-    return FitResult(result, history, out_dir, preds, trainer.model)
+    return FitResult(result, history, out_dir, preds, trainer.model, evaluations)
 
 
 # ---------------------------------------------------------------- CLI

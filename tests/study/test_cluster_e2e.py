@@ -119,14 +119,18 @@ def trial_runs(uri: str, name: str) -> list:
 
 
 def assert_epochs_logged_once(uri: str, runs: list, epochs: int) -> None:
-    """Every per-epoch metric of every run holds epochs 1..N, each exactly once; every final metric once."""
+    """Every per-epoch metric of every run holds epochs 1..N (at their global steps), each exactly once; every
+    final metric once, at the last epoch's step."""
     c = MlflowClient(uri)
     for run in runs:
         keys = list(run.data.metrics)
         assert "epoch" in keys and "train/loss" in keys and "final/ap" in keys, keys
+        epoch_history = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "epoch"))
+        assert [v for _, v in epoch_history] == list(range(1, epochs + 1)), epoch_history
+        epoch_steps = [s for s, _ in epoch_history]
         for key in keys:
             steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, key))
-            expected = [epochs] if key.startswith("final/") else list(range(1, epochs + 1))
+            expected = epoch_steps[-1:] if key.startswith("final/") else epoch_steps
             assert steps == expected, (run.data.tags["trial_id"], key, steps)
 
 

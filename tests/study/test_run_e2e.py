@@ -60,7 +60,8 @@ def test_tiny_study_parent_children_and_report_match_mlflow(tmp_path, ray_local)
     assert runs["metrics.final/ap"].notna().all() and runs["metrics.val/ap"].notna().all()
     client = mlflow.tracking.MlflowClient(uri)
     history = client.get_metric_history(runs.iloc[0]["run_id"], "train/loss")
-    assert [m.step for m in history] == [1]
+    epochs = client.get_metric_history(runs.iloc[0]["run_id"], "epoch")  # x-axis: the global optimisation step
+    assert [m.value for m in epochs] == [1] and [m.step for m in history] == [m.step for m in epochs] != [1]
     table = out["report"].table
     expected = runs.groupby("tags.variant")["metrics.final/ap"].agg(["mean", "std", "count"])
     for variant, row in expected.iterrows():
