@@ -29,11 +29,12 @@ from study.tracking import (
     start_parent,
     ui_url,
 )
-from vadclip.cli import Override, add_config_flags, flag_overrides, infer_dataset, positive_int
+from vadclip.cli import Override, add_config_flags, flag_overrides, infer_dataset, nonnegative_int, positive_int
 from vadclip.config import VadClipConfig, flatten
 from vadclip.errors import VadClipError
 from vadclip.metrics import mlflow_key
 
+CONFIRM_BASE = "base"  # the confirmation stage's reference row: the search's base configuration
 STATE_DIR = ".study_state"  # per-project pointers to the latest resumable invocation of each study
 EXIT_FAILED_TRIALS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -49,6 +50,12 @@ class RunOptions:
     storage: str | None = None  # Ray storage_path (absolute path or URI)
     tracking_uri: str | None = None
     resume: bool = False
+    reuse: bool = True  # False (--no-reuse): train every trial even when an identical FINISHED run exists
+    seeds_auto: bool = False  # --seeds auto: add seeds until the full row's CI half-width meets the target
+    ci_target: float | None = None  # points (default: the spec's seeds_auto.target)
+    seeds_cap: int | None = None
+    confirm_top: int | None = None  # a search's confirmation stage (default: the spec's confirm.top; 0 = none)
+    confirm_seeds: int | None = None
     dry_run: bool = False
     project: Path = field(default_factory=Path.cwd)
     reports_dir: Path | None = None
@@ -102,7 +109,13 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
     for name, value in (("--seeds", opts.seeds), ("--num-samples", opts.num_samples)):
         if value is not None and value < 1:
             raise StudyError(f"{name} must be >= 1, got {value}")
-    seeds = [base.seed + i for i in range(opts.seeds or spec.seeds)]
+    if opts.seeds_auto and spec.kind != "ablation":
+        raise StudyError(f"--seeds auto: for ablations (a search confirms its winners with --confirm-seeds); "
+                         f"{spec.name} is a {spec.kind}")
+    if opts.seeds_auto and opts.ci_target is not None and not opts.ci_target > 0:
+        raise StudyError(f"--ci-target must be > 0 (points), got {opts.ci_target}")
+    # --seeds auto starts from the spec's seeds, at least 2 (an interval needs them), and adds more later
+    seeds = [base.seed + i for i in range(max(spec.seeds, 2) if opts.seeds_auto else opts.seeds or spec.seeds)]
     if spec.kind == "search":
         seeds = seeds[:1]  # a searcher proposes configs; repeats over seeds belong to ablations
     trials = ([(v.name, s) for v in spec.variants for s in seeds] if spec.kind == "ablation"
@@ -116,8 +129,9 @@ def print_plan(spec: specs.StudySpec, p: Plan) -> None:
           f"resources per trial {spec.resources}, epochs {p.base.optim.epochs}")
     if spec.kind == "ablation":
         for i, (variant, seed) in enumerate(p.trials):
-            overrides = next(v.overrides for v in spec.variants if v.name == variant)
-            print(f"  trial {i:3d}: {variant:40s} seed {seed}  {overrides}")
+            row = next(v for v in spec.variants if v.name == variant)
+            extra = f" (variant {row.variant})" if row.variant else ""
+            print(f"  trial {i:3d}: {variant:40s} seed {seed}  {row.overrides}{extra}")
     else:
         print(f"  {len(p.trials)} trials sampled by Optuna (TPE) with seed {p.seeds[0]}, "
               f"scheduler {spec.scheduler}, from:")
@@ -250,39 +264,167 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
         raise
 
 
+@dataclass
+class Stage:
+    """One Tune experiment of an invocation: the trials of an ablation or search, or a search's confirmation."""
+
+    name: str  # "ablation", "search" or "confirm": the children's `stage` tag
+    experiment: str  # Tune's experiment name (its folder under the storage path)
+    rows: dict[str, VadClipConfig]  # variant -> config (a search: {}, its trials sample the space)
+    seeds: list[int]
+    total: int  # trials
+
+
 def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation) -> dict[str, Any]:
-    """Tune's part: trials, then the failure accounting, the report and the parent's summary."""
+    """Tune's part: the stages' trials, then the failure accounting, the report and the parent's summary."""
+    from study.report import build_report
+    from study.reuse import code_digest, data_fingerprint
+    from study.tracking import log_parent_summary
+
+    uri, parent_id = inv.uri, inv.parent_id
+    fingerprints = {"data_fingerprint": data_fingerprint(p.base), "code_digest": code_digest()}
+    first = Stage(spec.kind, inv.run_name, p.resolved.rows, p.seeds, len(p.trials))
+    failures = _fit_stage(spec, opts, p, data, inv, first, fingerprints)
+    stopped = close_unfinished_children(uri, inv.experiment_id, parent_id, failures)
+    if opts.seeds_auto and spec.kind == "ablation":
+        failures = {**failures, **_more_seeds(spec, opts, p, data, inv, fingerprints)}
+    top = opts.confirm_top if opts.confirm_top is not None else spec.confirm["top"]
+    if spec.kind == "search" and top > 0:
+        n_seeds = opts.confirm_seeds or spec.confirm["seeds"]
+        rows = confirm_rows(spec, p, inv, top)
+        seeds = [p.seeds[0] + 1 + i for i in range(n_seeds)]  # fresh: never the search seed
+        confirm = Stage("confirm", f"{inv.run_name}-confirm", rows, seeds, len(rows) * len(seeds))
+        more = _fit_stage(spec, opts, p, data, inv, confirm, fingerprints)
+        stopped += close_unfinished_children(uri, inv.experiment_id, parent_id, more)
+        failures = {**failures, **more}
+    reports = Path(opts.reports_dir or opts.project / "reports")
+    files = build_report(spec, uri, reports, parent_run_id=parent_id)
+    log_artifacts(uri, parent_id, [files.md, files.html, files.tex, files.csv, *files.plots], "report")
+    log_parent_summary(uri, parent_id, files.summary, prefix="mean" if spec.kind == "ablation" else "")
+    set_status(uri, parent_id, "FINISHED")
+    return {"parent_run_id": parent_id, "experiment_id": inv.experiment_id, "tracking_uri": uri,
+            "failed": len(failures), "stopped_early": stopped, "report": files,
+            "storage": f"{inv.storage.rstrip('/')}/{inv.run_name}"}
+
+
+def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation,
+                fingerprints: dict[str, str]) -> dict[str, Any]:
+    """`--seeds auto`: add one seed to every row at a time (each round its own Tune experiment, so --resume
+    continues round by round) until the full row's 95 % t-interval half-width on the study metric is at most the
+    target, or the cap is reached; the parent's tag `seeds.auto` says which."""
+    from study.tracking import client, close_unfinished_children
+
+    target = opts.ci_target if opts.ci_target is not None else spec.seeds_auto["target"]
+    cap = opts.seeds_cap or spec.seeds_auto["cap"]
+    failures: dict[str, Any] = {}
+    n = len(p.seeds)
+    while True:
+        half = reference_half_width(spec, p, inv)
+        done = half == half and half <= target
+        if done or n >= cap:
+            verdict = (f"half-width {half:.2f} <= target {target:g}" if done
+                       else f"cap {cap} reached with half-width {half:.2f} > target {target:g}")
+            reason = (f"{verdict} points (95 % t-interval of the full row {spec.full!r} on {p.metric}) "
+                      f"at {n} seeds per row")
+            client(inv.uri).set_tag(inv.parent_id, "seeds.auto", reason)
+            return failures
+        seed = p.base.seed + n
+        n += 1
+        stage = Stage("ablation", f"{inv.run_name}-seeds{n}", p.resolved.rows, [seed], len(p.resolved.rows))
+        more = _fit_stage(spec, opts, p, data, inv, stage, fingerprints)
+        close_unfinished_children(inv.uri, inv.experiment_id, inv.parent_id, more)
+        failures.update(more)
+
+
+def reference_half_width(spec: specs.StudySpec, p: Plan, inv: Invocation) -> float:
+    """Half the 95 % t-interval (in the table's units: percent for AUC/AP/AnoAUC) of the full row's study metric
+    over its FINISHED trials so far; NaN with fewer than 2."""
+    from study.report.stats import t_interval
+    from study.tracking import children as child_runs
+    from vadclip.metrics import percent_scale
+
+    key = f"final/{mlflow_key(p.metric)}"
+    values = [r.data.metrics[key] for r in child_runs(inv.uri, inv.experiment_id, inv.parent_id)
+              if r.info.status == "FINISHED" and r.data.tags.get("variant") == spec.full and key in r.data.metrics]
+    low, high = t_interval(values)
+    return (high - low) / 2 * percent_scale(p.metric)
+
+
+def optuna_storage_url(uri: str, project: Path) -> str:
+    """Where a search's Optuna study lives: an SQLite file beside the MLflow SQLite store (`optuna.db`), or in the
+    project folder when MLflow is a server. `optuna-dashboard <url>` opens it."""
+    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else project
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def optuna_storage(inv: Invocation, opts: RunOptions) -> Any:
+    """The search's Optuna storage (its study is named after the invocation, so --resume loads it again),
+    recorded on the parent run (tags optuna.storage, optuna.study) for the report and the dashboard."""
+    import optuna
+
+    from study.tracking import client
+
+    if not opts.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
+    url = optuna_storage_url(inv.uri, opts.project)
+    client(inv.uri).set_tag(inv.parent_id, "optuna.storage", url)
+    client(inv.uri).set_tag(inv.parent_id, "optuna.study", inv.run_name)
+    return optuna.storages.RDBStorage(url)
+
+
+def confirm_rows(spec: specs.StudySpec, p: Plan, inv: Invocation, top: int) -> dict[str, VadClipConfig]:
+    """The confirmation stage's rows: the base configuration and the `top` search trials by the validation metric
+    the search optimised (test metric under selection=test), ties by trial id; read from MLflow, so a resumed
+    invocation picks the same ones."""
+    from study.report.context import FINAL
+    from study.tracking import children as child_runs
+
+    selection = p.base.eval.selection
+    key = f"final/val/{p.metric}" if selection == "val" else f"final/{p.metric}"
+    trials = [r for r in child_runs(inv.uri, inv.experiment_id, inv.parent_id)
+              if r.info.status == "FINISHED" and r.data.tags.get("stage", "search") == "search"
+              and key in r.data.metrics]
+    trials.sort(key=lambda r: (-r.data.metrics[key], r.data.tags.get("trial_id", "")))
+    if not trials:
+        raise StudyError(f"study {spec.name}: no FINISHED search trial logged {FINAL[len('metrics.'):]}"
+                         f"{key[len('final/'):]}; nothing to confirm")
+    rows = {CONFIRM_BASE: p.base}
+    for rank, run in enumerate(trials[:top], start=1):
+        values = {k: run.data.params[k] for k in spec.space if k in run.data.params}
+        shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
+        rows[f"top{rank} · {shown}"] = specs.apply_trial(p.base, values)
+    return rows
+
+
+def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation, stage: Stage,
+               fingerprints: dict[str, str]) -> dict[str, Any]:
+    """Run (or, with --resume, restore) one stage's Tune experiment; returns its failed trials (trial id ->
+    FailedTrial), recorded as FAILED children. Raises StudyInterrupted on Ctrl-C."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
     from ray.tune.search import ConcurrencyLimiter, Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     from study.progress import StudyProgress
-    from study.report import build_report
-    from study.tracking import (
-        log_parent_summary,
-        mark_interrupted_children,
-        record_failed_trials,
-        tune_failures,
-        unfinished_trials,
-    )
+    from study.tracking import mark_interrupted_children, record_failed_trials, tune_failures, unfinished_trials
     from study.trainable import TrialContext, train_trial
 
     uri, experiment_id, parent_id = inv.uri, inv.experiment_id, inv.parent_id
-
     base = p.base
-    ctx = TrialContext(study=spec.name, base=base, rows=p.resolved.rows, tracking_uri=uri,
-                       experiment_id=experiment_id, parent_run_id=parent_id, tags=inv.tags,
-                       cpus_per_trial=spec.resources["cpu"], fail_at_epoch=dict(opts.fail_at_epoch))
+    tags = {**inv.tags, "stage": stage.name}
+    ctx = TrialContext(study=spec.name, base=base, rows=stage.rows, tracking_uri=uri, experiment_id=experiment_id,
+                       parent_run_id=parent_id, tags=tags, cpus_per_trial=spec.resources["cpu"],
+                       reuse=opts.reuse, fail_at_epoch=dict(opts.fail_at_epoch), **fingerprints)
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, ctx=ctx), spec.resources)
     metric = mlflow_key(f"{base.eval.selection}/{p.metric}")
-    progress = StudyProgress(spec.name, len(p.trials), metric, p.metric)
+    label = spec.name if stage.name != "confirm" else f"{spec.name} confirm"
+    progress = StudyProgress(label, stage.total, metric, p.metric)
     run_config = tune.RunConfig(
-        name=inv.run_name, storage_path=inv.storage, verbose=opts.verbose, callbacks=[progress],
+        name=stage.experiment, storage_path=inv.storage, verbose=opts.verbose, callbacks=[progress],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    path = f"{inv.storage.rstrip('/')}/{inv.run_name}"
+    path = f"{inv.storage.rstrip('/')}/{stage.experiment}"
     if opts.resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=None)
@@ -294,14 +436,14 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
             return trial.trial_id
 
         param_space: dict[str, Any]
-        if spec.kind == "ablation":
-            param_space = {"variant": tune.grid_search([v.name for v in spec.variants]),
-                           "seed": tune.grid_search(p.seeds)}
+        if stage.name != "search":  # a grid of rows × seeds: an ablation, or a search's confirmation
+            param_space = {"variant": tune.grid_search(list(stage.rows)), "seed": tune.grid_search(stage.seeds)}
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,
                                           trial_dirname_creator=trial_id, trial_name_creator=trial_id)
         else:
-            param_space = {"seed": p.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
-            searcher: Searcher = OptunaSearch(metric=metric, mode="max", seed=p.seeds[0])
+            param_space = {"seed": stage.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
+            searcher: Searcher = OptunaSearch(metric=metric, mode="max", seed=stage.seeds[0],
+                                              study_name=inv.run_name, storage=optuna_storage(inv, opts))
             if spec.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
             # max_t past the last epoch: ASHA stops only losers, a trial that trains to the end finishes itself
@@ -310,7 +452,7 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
                               max_t=base.optim.epochs + 1, grace_period=spec.scheduler.get("grace_period", 1),
                               reduction_factor=spec.scheduler.get("reduction_factor", 2))
                 if spec.scheduler["type"] == "asha" else FIFOScheduler())
-            tune_config = tune.TuneConfig(num_samples=len(p.trials), search_alg=searcher, scheduler=scheduler,
+            tune_config = tune.TuneConfig(num_samples=stage.total, search_alg=searcher, scheduler=scheduler,
                                           trial_dirname_creator=trial_id, trial_name_creator=trial_id)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     # from here on this invocation is the one --resume continues
@@ -324,18 +466,11 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
         progress.final_states = {}
     if progress.interrupted:  # Tune returns normally after a Ctrl-C
         mark_interrupted_children(uri, experiment_id, parent_id, unfinished_trials(results))
-        raise StudyInterrupted(f"study {spec.name} interrupted: {progress.line()}; no report written. "
-                               f"Continue it with: {resume_command(spec)}")
+        raise StudyInterrupted(f"study {spec.name} interrupted ({stage.name} stage): {progress.line()}; no report "
+                               f"written. Continue it with: {resume_command(spec)}")
     failures = tune_failures(results)
-    record_failed_trials(uri, experiment_id, parent_id, failures, inv.tags)  # also those failing before their run
-    stopped = close_unfinished_children(uri, experiment_id, parent_id, failures)
-    reports = Path(opts.reports_dir or opts.project / "reports")
-    files = build_report(spec, uri, reports, parent_run_id=parent_id)
-    log_artifacts(uri, parent_id, [files.md, files.html, files.tex, files.csv, *files.plots], "report")
-    log_parent_summary(uri, parent_id, files.summary, prefix="mean" if spec.kind == "ablation" else "")
-    set_status(uri, parent_id, "FINISHED")
-    return {"parent_run_id": parent_id, "experiment_id": experiment_id, "tracking_uri": uri,
-            "failed": len(failures), "stopped_early": stopped, "report": files, "storage": path}
+    record_failed_trials(uri, experiment_id, parent_id, failures, tags)  # also those failing before their run
+    return failures
 
 
 @contextlib.contextmanager
@@ -353,6 +488,11 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def seeds_arg(text: str) -> int | str:
+    """argparse type of --seeds: a count >= 1 or 'auto'."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def list_studies(out=sys.stdout) -> None:
     print("studies (python -m study.run NAME):", file=out)
     for name, path in specs.available().items():
@@ -367,13 +507,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.splitlines()[0])
     p.add_argument("name", nargs="?", help="study name (a YAML in search_spaces/) or a path to a study YAML")
     add_config_flags(p, epochs_flag="--max-epochs")
-    p.add_argument("--seeds", type=positive_int, help="seeds per ablation row")
+    p.add_argument("--seeds", type=seeds_arg, help="seeds per ablation row, or 'auto': add seeds until the full "
+                   "row's 95%% CI half-width on the study metric is at most --ci-target (or --seeds-cap is reached)")
+    p.add_argument("--ci-target", type=float, help="--seeds auto: target half-width in points (default: the spec's "
+                   "seeds_auto.target)")
+    p.add_argument("--seeds-cap", type=positive_int, help="--seeds auto: most seeds per row (default: the spec's "
+                   "seeds_auto.cap)")
     p.add_argument("--num-samples", type=positive_int, help="trials of a search")
     p.add_argument("--address", default="", help="'' = start a local Ray (default); auto = join a cluster; "
                    "HOST:PORT = that cluster")
     p.add_argument("--storage", help="Ray storage path or URI (default: ./ray_results)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: sqlite:///./mlruns.db)")
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted run of this study")
+    p.add_argument("--confirm-top", type=nonnegative_int, help="a search's confirmation stage: re-train the top "
+                   "K configurations by the validation metric with the base on fresh seeds (0 = none)")
+    p.add_argument("--confirm-seeds", type=positive_int, help="fresh seeds of the confirmation stage")
+    p.add_argument("--no-reuse", dest="reuse", action="store_false",
+                   help="train every trial, even one identical (config, data, code) to a FINISHED run in the store")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray instance")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -392,9 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     t0 = time.perf_counter()
     try:
-        opts = RunOptions(dataset=args.dataset, flags=flag_overrides(args), seeds=args.seeds,
+        auto = args.seeds == "auto"
+        opts = RunOptions(dataset=args.dataset, flags=flag_overrides(args), seeds=None if auto else args.seeds,
+                          seeds_auto=auto, ci_target=args.ci_target, seeds_cap=args.seeds_cap,
                           num_samples=args.num_samples, address=args.address, storage=args.storage,
-                          tracking_uri=args.tracking_uri, resume=args.resume, dry_run=args.dry_run,
+                          tracking_uri=args.tracking_uri, resume=args.resume, reuse=args.reuse, dry_run=args.dry_run,
+                          confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
                           num_cpus=args.num_cpus, verbose=args.verbose)
         summary = run_study(args.name, opts)
     except StudyInterrupted as err:

@@ -14,7 +14,7 @@ from study.space import Domain, SpaceError, validate_points
 from vadclip.cli import Override, as_dict, blame
 from vadclip.config import ConfigError, VadClipConfig, apply_overrides, coerce, field_type, preset
 from vadclip.errors import VadClipError
-from vadclip.metrics import CORE_METRICS
+from vadclip.metrics import CORE_METRICS, MAP_LEVELS
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = ("ablation", "search")
@@ -24,11 +24,18 @@ TOP_KEYS = {
     "name": str, "kind": str, "description": str, "preset": str, "variant": str, "metric": str,
     "seeds": int, "num_samples": int, "max_concurrent": int, "max_failures": int,
     "resources": dict, "base": dict, "variants": list, "full": str, "space": dict, "scheduler": dict,
-    "paper_table": int,
+    "paper_table": int, "confirm": dict, "columns": list, "seeds_auto": dict,
 }
-VARIANT_KEYS = {"name": str, "set": dict, "paper": dict}
+VARIANT_KEYS = {"name": str, "set": dict, "paper": dict, "variant": str}
+PAPER_METRICS = (*CORE_METRICS, *MAP_LEVELS)  # what a row may quote from the paper and a table may show
+STYLES = ("ucf", "xd")
+VARIANTS = ("official", "paper")  # vadclip.config presets: the authors' code, the paper's text
 RESOURCE_KEYS = {"cpu": (int, float), "gpu": (int, float)}
 SCHEDULER_KEYS = {"type": str, "grace_period": int, "reduction_factor": int}
+CONFIRM_KEYS = {"top": int, "seeds": int}
+SEEDS_AUTO_KEYS = {"target": (int, float), "cap": int}
+SEEDS_AUTO_DEFAULT = {"target": 1.0, "cap": 10}  # --seeds auto: CI half-width (points) and most seeds per row
+CONFIRM_DEFAULT = {"top": 3, "seeds": 3}  # a search's confirmation stage: top-k configs × fresh seeds, with the base
 
 
 class SpecError(VadClipError, ValueError):
@@ -39,7 +46,14 @@ class SpecError(VadClipError, ValueError):
 class Variant:
     name: str
     overrides: dict[str, Any]
-    paper: dict[str, float] = field(default_factory=dict)  # the paper's numbers for this row
+    paper: dict[str, Any] = field(default_factory=dict)  # the paper's numbers: {metric: v} or {style: {metric: v}}
+    variant: str | None = None  # the preset variant of this row (official | paper); None: the study's
+
+    def paper_values(self, style: str) -> dict[str, float]:
+        """The paper's numbers for this row on `style` data (ucf | xd)."""
+        if any(k in STYLES for k in self.paper):
+            return dict(self.paper.get(style, {}))
+        return dict(self.paper)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,9 @@ class StudySpec:
     space: dict[str, Domain] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
     paper_table: int | None = None
+    columns: tuple[str, ...] = CORE_METRICS  # the metrics an ablation table shows, in order
+    seeds_auto: dict[str, float] = field(default_factory=lambda: dict(SEEDS_AUTO_DEFAULT))
+    confirm: dict[str, int] = field(default_factory=lambda: dict(CONFIRM_DEFAULT))  # search only; top 0 = none
 
     def resolve_metric(self, style: str) -> str:
         return self.metric if self.metric != "auto" else ("auc" if style == "ucf" else "ap")
@@ -157,10 +174,18 @@ def parse(raw: Any, path: Path) -> StudySpec:
         if "name" not in v:
             raise SpecError(f"{vwhere}: missing required key 'name'")
         paper = v.get("paper", {})
-        bad = [k for k in paper if k not in CORE_METRICS]
-        if bad:
-            raise SpecError(f"{vwhere}: paper metric {bad[0]!r} unknown; allowed: {', '.join(CORE_METRICS)}")
-        variants.append(Variant(v["name"], _check_overrides(v.get("set", {}), vwhere), paper))
+        styled = any(k in STYLES for k in paper)
+        for style, numbers in (paper.items() if styled else [("", paper)]):
+            if style not in (*STYLES, ""):
+                raise SpecError(f"{vwhere}: paper: mix of styles and metrics; use {{metric: value}} or "
+                                f"{{ucf: {{...}}, xd: {{...}}}}, got key {style!r}")
+            bad = [k for k in numbers if k not in PAPER_METRICS]
+            if bad or not isinstance(numbers, dict):
+                raise SpecError(f"{vwhere}: paper metric {(bad or [numbers])[0]!r} unknown; allowed: "
+                                f"{', '.join(PAPER_METRICS)}")
+        if v.get("variant", "official") not in VARIANTS:
+            raise SpecError(f"{vwhere}: variant {v['variant']!r} unknown; allowed: {', '.join(VARIANTS)}")
+        variants.append(Variant(v["name"], _check_overrides(v.get("set", {}), vwhere), paper, v.get("variant")))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise SpecError(f"{where}: variant names must be unique, got {names}")
@@ -186,6 +211,21 @@ def parse(raw: Any, path: Path) -> StudySpec:
         for key in ("variants", "full"):
             if key in raw:
                 raise SpecError(f"{where}: {key!r} belongs to kind 'ablation', not 'search'")
+    bad_columns = [c for c in raw.get("columns", []) if c not in PAPER_METRICS]
+    if bad_columns:
+        raise SpecError(f"{where}: columns: metric {bad_columns[0]!r} unknown; allowed: {', '.join(PAPER_METRICS)}")
+    if raw.get("variant", "official") not in VARIANTS:
+        raise SpecError(f"{where}: variant {raw['variant']!r} unknown; allowed: {', '.join(VARIANTS)}")
+    seeds_auto = raw.get("seeds_auto", {})
+    _check_keys(seeds_auto, SEEDS_AUTO_KEYS, f"{where}: seeds_auto")
+    if seeds_auto.get("target", 1) <= 0 or seeds_auto.get("cap", 2) < 2:
+        raise SpecError(f"{where}: seeds_auto needs target > 0 (points) and cap >= 2, got {seeds_auto}")
+    confirm = raw.get("confirm", {})
+    _check_keys(confirm, CONFIRM_KEYS, f"{where}: confirm")
+    if raw["kind"] != "search" and confirm:
+        raise SpecError(f"{where}: 'confirm' belongs to kind 'search' (its confirmation stage), not 'ablation'")
+    if confirm.get("top", 0) < 0 or confirm.get("seeds", 1) < 1:
+        raise SpecError(f"{where}: confirm needs top >= 0 (0 = no confirmation stage) and seeds >= 1, got {confirm}")
     if raw.get("preset", "synthetic") not in DATASETS:
         raise SpecError(f"{where}: preset {raw['preset']!r} unknown; allowed: {', '.join(DATASETS)}")
     for key in ("seeds", "num_samples", "max_failures"):
@@ -203,6 +243,8 @@ def parse(raw: Any, path: Path) -> StudySpec:
         resources={"cpu": 1, "gpu": 0, **resources}, base=base, variants=tuple(variants),
         full=raw.get("full", names[-1] if names else None), space=space,
         scheduler={"type": "asha", **scheduler}, paper_table=raw.get("paper_table"),
+        columns=tuple(raw.get("columns", CORE_METRICS)), seeds_auto={**SEEDS_AUTO_DEFAULT, **seeds_auto},
+        confirm={**CONFIRM_DEFAULT, **confirm} if raw["kind"] == "search" else {"top": 0, "seeds": 1},
     )
     resolve(spec, spec.preset)  # every row and every point of the space must build a valid config
     return spec
@@ -231,7 +273,8 @@ def resolve(spec: StudySpec, dataset: str | None = None, flags: Sequence[Overrid
 def _build(spec: StudySpec, dataset: str, flags: Sequence[Override]) -> Resolved:
     extra = as_dict(flags)
     base = preset(dataset, spec.variant, {**spec.base, **extra})
-    rows = {v.name: preset(dataset, spec.variant, {**spec.base, **v.overrides, **extra}) for v in spec.variants}
+    rows = {v.name: preset(dataset, v.variant or spec.variant, {**spec.base, **v.overrides, **extra})
+            for v in spec.variants}
     validate_points(spec.space, lambda point: apply_trial(base, point))
     return Resolved(dataset, base, rows)
 

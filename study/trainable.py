@@ -14,13 +14,22 @@ import torch
 from ray import tune
 
 from study.plots import score_curves
+from study.reuse import FINGERPRINT_TAG, copy_results, find_reusable, trial_fingerprint
 from study.spec import apply_trial, sampled
 from study.tracking import TrialRun, child_run_name
+from vadclip.bootstrap import (
+    BOOTSTRAP_FILE,
+    TEST_SCORES_FILE,
+    TestScores,
+    save_bootstrap,
+    save_test_scores,
+    video_bootstrap,
+)
 from vadclip.config import VadClipConfig, apply_overrides, flatten
 from vadclip.data import VadDataset
 from vadclip.evaluate import branch_scores
 from vadclip.metrics import mlflow_key
-from vadclip.train import CHECKPOINT_LAST, EpochRecord, fit, load_checkpoint
+from vadclip.train import CHECKPOINT_LAST, EpochRecord, FitResult, fit, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,9 @@ class TrialContext:
     parent_run_id: str
     tags: dict[str, str]
     cpus_per_trial: float = 1
+    data_fingerprint: str = ""  # study.reuse: with the code digest and a trial's config, a trial's identity
+    code_digest: str = ""
+    reuse: bool = True  # copy a FINISHED identical run's results instead of training again
     fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests: variant -> epoch that raises (0: at once)
 
 
@@ -80,6 +92,17 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
     placement = {"ray.node_id": node, "ray.nodes": f"{history},{node}" if history else node,
                  "ray.gpu_ids": ",".join(gpu_ids), "device": device}
     cfg = apply_overrides(cfg, {"device": device})
+    fingerprint = trial_fingerprint(cfg, ctx.data_fingerprint, ctx.code_digest)
+    placement[FINGERPRINT_TAG] = fingerprint
+    if ctx.reuse and not run.final_logged and (source := find_reusable(ctx.tracking_uri, fingerprint, run.run_id)):
+        run.set_tags(placement)
+        try:
+            reuse_results(run, source, cfg)
+        except BaseException:
+            if run.c.get_run(run.run_id).info.status == "RUNNING":
+                run.end("FAILED")
+            raise
+        return
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -109,17 +132,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"],
                        **{f"val/{k}": v for k, v in result.metrics["val"].items()}},
                       step=int(result.history[-1]["step"]) if result.history else 0)
-        run.log_artifact(out_dir / "config.json")
-        run.log_artifact(out_dir / "metrics.json")
-        chosen = result.metrics["test_branch"]  # also right for score_branch 'best'
-        run.set_tags({"test_branch": chosen})
-        if result.test_predictions is None:  # fit always evaluates data.test
-            raise RuntimeError("fit returned no test predictions")
-        scores = branch_scores(result.test_predictions).get(chosen)
-        if data.test.frame_gt is not None and scores is not None:
-            run.log_artifact(score_curves(scores, data.test.frame_gt, data.test.names, out_dir / "scores.png",
-                                          cfg.eval.max_plot_videos))
-        (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+        log_results(run, result, data, cfg, out_dir)
         run.end("FINISHED")
     except BaseException:
         if reporting:  # stopped, not failed; the driver tags why (stopped_early or interrupted), it alone knows
@@ -127,3 +140,36 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         else:
             run.end("FAILED")  # a retry sets it RUNNING again and continues the same run
         raise
+
+
+def log_results(run: TrialRun, result: FitResult, data: VadDataset, cfg: VadClipConfig, out_dir: Path) -> None:
+    """The artifacts of a finished trial: config, metrics, history, the selected checkpoint's snippet-level test
+    scores with their frame ground truth (a report recomputes test-set uncertainty from them alone), their
+    video bootstrap (seeded by the trial's seed) and the score curves."""
+    chosen = result.metrics["test_branch"]  # also right for score_branch 'best'
+    run.set_tags({"test_branch": chosen})
+    if result.test_predictions is None:  # fit always evaluates data.test
+        raise RuntimeError("fit returned no test predictions")
+    (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+    for name in ("config.json", "metrics.json", "history.json"):
+        run.log_artifact(out_dir / name)
+    scores = branch_scores(result.test_predictions).get(chosen)
+    if data.test.frame_gt is None or scores is None:
+        return
+    test = TestScores(scores, data.test.frame_gt, data.test.is_abnormal)
+    run.log_artifact(save_test_scores(out_dir / TEST_SCORES_FILE, test))
+    run.log_artifact(save_bootstrap(out_dir / BOOTSTRAP_FILE, video_bootstrap(test, seed=cfg.seed), cfg.seed))
+    run.log_artifact(score_curves(scores, data.test.frame_gt, data.test.names, out_dir / "scores.png",
+                                  cfg.eval.max_plot_videos))
+
+
+def reuse_results(run: TrialRun, source: str, cfg: VadClipConfig) -> None:
+    """A trial identical to the FINISHED run `source` (same config, data and code): its results are copied
+    (histories, final metrics, artifacts; tag `reused_from`) and reported to Tune once, instead of training."""
+    copy_results(run.uri, source, run.run_id)
+    metrics = run.c.get_run(run.run_id).data.metrics
+    split = "val/" if cfg.eval.selection == "val" else ""
+    report = {mlflow_key(f"{cfg.eval.selection}/{k[len('final/' + split):]}"): v for k, v in metrics.items()
+              if k.startswith(f"final/{split}") and "/" not in k[len(f"final/{split}"):]}
+    run.end("FINISHED")
+    tune.report({**report, "reused": 1})

@@ -38,15 +38,24 @@ def add_config_flags(parser: argparse.ArgumentParser, epochs_flag: str = "--epoc
                         help="dotted config overrides, repeatable, e.g. --set model.window=16 --set optim.lr=1e-4")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts: an integer >= 1."""
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type for counts where 0 switches a thing off."""
+    return _int_at_least(text, 0)
 
 
 def parse_set(items: Sequence[str]) -> list[Override]:

@@ -23,6 +23,7 @@ import pandas as pd
 from study.plots import html_report
 from study.report.ablation import ablation_report
 from study.report.context import ReportError, read_context
+from study.report.protocols import PROTOCOL_CHOICES, SELECTION
 from study.report.render import finite, tex_file
 from study.report.search import search_report
 from study.spec import StudySpec, load
@@ -47,9 +48,11 @@ class ReportFiles:
     summary: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> metric -> mean, for the parent
 
 
-def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None) -> ReportFiles:
-    """Read the study's runs from MLflow, compute the report in memory, then write md/tex/csv/html/png."""
-    ctx = read_context(spec, tracking_uri, parent_run_id)
+def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None,
+                 protocol: str = SELECTION) -> ReportFiles:
+    """Read the study's runs from MLflow, compute the report in memory, then write md/tex/csv/html/png.
+    `protocol`: which test values the tables show (study.report.protocols.PROTOCOL_CHOICES)."""
+    ctx = read_context(spec, tracking_uri, parent_run_id, protocol)
     out_dir = Path(out_dir)
     doc = (ablation_report if spec.kind == "ablation" else search_report)(ctx)
     files = ReportFiles(out_dir / f"{spec.name}.md", out_dir / f"{spec.name}.tex", out_dir / f"{spec.name}.csv",
@@ -82,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLflow tracking URI (default: ./mlruns.db, as python -m study.run)")
     parser.add_argument("--parent", default=None, help="parent run id (default: the newest with a finished trial)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default=SELECTION,
+                        help="test values shown: each trial's own selection (default: its eval.selection, val unless "
+                        "set), or derived from the histories: val (best-on-val), test (best-on-test), last")
     args = parser.parse_args(argv)
     try:
-        files = build_report(load(args.name), args.tracking_uri, args.out, args.parent)
+        files = build_report(load(args.name), args.tracking_uri, args.out, args.parent, args.protocol)
     except VadClipError as err:
         print(f"study.report: {err}", file=sys.stderr)
         return 2

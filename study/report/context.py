@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from study.report.render import date_text
 from study.spec import StudySpec
 from study.tracking import PARENT, TRIAL
 from study.tracking import client as tracking_client
+from vadclip.bootstrap import BOOTSTRAP_FILE, BOOTSTRAP_METRICS, load_bootstrap
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS as CORE
 
@@ -41,6 +46,7 @@ class Context:
     style: str
     metric: str  # the spec's main metric resolved for the data style
     date: str
+    protocol: str = "selection"  # study.report.protocols.PROTOCOL_CHOICES: which test values the tables show
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -51,7 +57,7 @@ class Context:
         return str(self.parent["run_id"])
 
 
-def read_context(spec: StudySpec, uri: str, parent_run_id: str | None) -> Context:
+def read_context(spec: StudySpec, uri: str, parent_run_id: str | None, protocol: str = "selection") -> Context:
     client = _client(uri)
     experiment_id = _experiment(client, spec.name, uri)
     parent = _parent(client, experiment_id, spec.name, parent_run_id)
@@ -59,7 +65,7 @@ def read_context(spec: StudySpec, uri: str, parent_run_id: str | None) -> Contex
     dataset = tag(parent, "dataset") or tag(children, "dataset") or spec.preset
     style = data_style(dataset, children)
     date = date_text(datetime.now(UTC).timestamp() * 1000)
-    return Context(spec, uri, parent, children, dataset, style, spec.resolve_metric(style), date)
+    return Context(spec, uri, parent, children, dataset, style, spec.resolve_metric(style), date, protocol)
 
 
 def _client(uri: str) -> MlflowClient:
@@ -146,3 +152,20 @@ def final_metrics(runs: pd.DataFrame) -> list[str]:
     levels = sorted(n for n in names if n.startswith("map_iou"))
     rest = sorted(n for n in names if n not in CORE and n not in levels)
     return [m for m in CORE if m in names] + levels + rest
+
+
+def read_replicates(ctx: Context, metric: str) -> dict[str, np.ndarray]:
+    """run id -> the video-bootstrap replicates of `metric` from each FINISHED trial's `bootstrap.npz` artifact
+    (trials without one, e.g. logged by an older version, are left out)."""
+    if metric not in BOOTSTRAP_METRICS:
+        return {}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="vadclip-report-") as tmp:
+        for i, run_id in enumerate(ctx.finished["run_id"]):
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=str(run_id), artifact_path=BOOTSTRAP_FILE,
+                                                           tracking_uri=ctx.uri, dst_path=f"{tmp}/{i}")
+            except (MlflowException, OSError):
+                continue
+            out[str(run_id)] = load_bootstrap(path)[metric]
+    return out

@@ -12,17 +12,30 @@ as `BestCheckpoint` keeps the first of equal scores.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from study.tracking import retry
-from vadclip.metrics import mlflow_key
+from study.tracking import client, retry
+from vadclip.metrics import CORE_METRICS, MAP_LEVELS, mlflow_key
+
+if TYPE_CHECKING:
+    from study.report.context import Context
 
 PROTOCOLS = ("val", "test", "last")
-PROTOCOL_TEXT = {"val": "best validation evaluation", "test": "best test evaluation (the authors' protocol)",
-                 "last": "last evaluation"}
+SELECTION = "selection"  # a report's default: each run's own eval.selection, its re-evaluated checkpoint (final/*)
+PROTOCOL_CHOICES = (SELECTION, *PROTOCOLS)
+_TEXT = {SELECTION: "the checkpoint each trial selected by its eval.selection (re-evaluated; final/* metrics)",
+         "val": "the best-on-val protocol (test metrics at the best validation evaluation, from the histories)",
+         "test": "the best-on-test protocol (test metrics at the best test evaluation, from the histories: what "
+                 "the authors' code prints)",
+         "last": "the last-evaluation protocol (test metrics at the last evaluation, from the histories)"}
+
+
+def protocol_text(protocol: str) -> str:
+    return _TEXT[protocol]
 
 
 def evaluations(client: MlflowClient, run_id: str, selection_metric: str, metrics: Iterable[str]) -> pd.DataFrame:
@@ -65,3 +78,11 @@ def protocol_frame(client: MlflowClient, runs: pd.DataFrame, default_selection_m
         rows[run["run_id"]] = {f"{p}/{m}": derived[p].get(m, np.nan) for p in PROTOCOLS for m in metrics}
     columns = [f"{p}/{m}" for p in PROTOCOLS for m in metrics]
     return pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+
+
+def read_protocols(ctx: Context) -> pd.DataFrame:
+    """The protocol frame of a report's FINISHED trials for the core metrics and mAP levels they logged."""
+    present = {c[len("metrics.final/"):] for c in ctx.finished.columns if c.startswith("metrics.final/")}
+    metrics = [m for m in (*CORE_METRICS, *map(mlflow_key, MAP_LEVELS)) if m in present]
+    default = "auc" if ctx.style == "ucf" else "ap"  # eval.selection_metric auto; runs tag their own
+    return protocol_frame(client(ctx.uri), ctx.finished, default, metrics)

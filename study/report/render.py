@@ -62,13 +62,25 @@ def signed(x: float) -> str:
     return f"{x:+.2f}" if finite(x) else "-"
 
 
-def mean_std(row: pd.Series, metric: str) -> str:
-    """`mean ± std` in percent where logged as fractions; `(n=…)` when fewer runs than the row's finished ones."""
+def interval(low: Any, high: Any, signed: bool = False) -> str:
+    """`[low, high]` with one decimal (signed: `[-1.2, +0.4]`); "" when undefined."""
+    if not (finite(low) and finite(high)):
+        return ""
+    fmt = "+.1f" if signed else ".1f"
+    return f"[{low:{fmt}}, {high:{fmt}}]"
+
+
+def mean_std(row: pd.Series, metric: str, interval_of_mean: bool = False) -> str:
+    """`mean ± std` in percent where logged as fractions, with the row's `[low, high]` interval of the mean when
+    asked; `(n=…)` when fewer runs than the row's finished ones."""
     mean, std, n = row.get(f"{metric}_mean"), row.get(f"{metric}_std"), int(row.get(f"{metric}_n", 0) or 0)
     if not finite(mean):
         return "-"
     scale = percent_scale(metric)
     text = f"{mean * scale:.2f} ± {std * scale:.2f}" if n >= 2 and finite(std) else f"{mean * scale:.2f}"
+    if interval_of_mean and (span := interval(row.get(f"{metric}_low", math.nan) * scale,
+                                              row.get(f"{metric}_high", math.nan) * scale)):
+        text = f"{text} {span}"
     return text if n == row["runs"] else f"{text} (n={n})"
 
 

@@ -5,47 +5,112 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 
-from study.report.context import FINAL, FINAL_VAL, Context, ReportError, final_metrics, tag
+from study.report.ablation import ablation_grid, ablation_notes, ablation_table
+from study.report.context import FINAL, FINAL_VAL, Context, ReportError, final_metrics, read_replicates, tag
 from study.report.notes import planned, protocol_notes, provenance
+from study.report.protocols import SELECTION, read_protocols
 from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
 from study.space import Domain
+from study.spec import Variant
 from vadclip.metrics import CORE_METRICS as CORE
 from vadclip.metrics import label, percent_scale
 
 TOP_K = 5
+CONFIRM_BASE = "base"  # the confirmation stage's reference row (study.run writes it)
 
 
 def search_report(ctx: Context) -> Document:
+    """The confirmed table first when the search had a confirmation stage (children tagged stage=confirm), then
+    the search's own ranking, importances and notes."""
+    confirmed = confirm_section(ctx)
+    stage = ctx.children.get("tags.stage", pd.Series("search", index=ctx.children.index)).fillna("search")
+    ctx = replace(ctx, children=ctx.children[stage != "confirm"].reset_index(drop=True))
     spec, metric = ctx.spec, ctx.metric
     finished = ctx.finished
     if FINAL + metric not in finished or finished[FINAL + metric].isna().all():
         raise ReportError(f"no FINISHED trial of parent run {ctx.parent_id} logged final/{metric}")
     rank = rank_column(ctx.parent, finished, metric)
     table = search_table(spec.space, finished, metric, rank)
+    add_protocols(ctx, table, metric)
     counts = status_counts(ctx.children)
-    importances, importance_note = param_importances(spec.space, table, rank)
+    importances, importance_note = stored_importances(ctx) or param_importances(spec.space, table, rank)
     notes = search_notes(ctx, counts, importance_note, rank)
     grid = search_grid(table, list(spec.space), metric, rank)
-    text = to_markdown(grid)
     plot_name = f"{spec.name}_params.png"
     name = label(metric)
     ranked_by = f"{'validation' if rank != metric else 'final'} {name}"  # the heading says what ranks the rows
-    md = [f"# {spec.name}: {spec.description}", "", f"## Top {TOP_K} trials by {ranked_by}", "", text, "",
-          "## Parameter importances (Optuna fANOVA)", ""]
+    md = [f"# {spec.name}: {spec.description}", ""]
+    tex = ""
+    if confirmed is not None:
+        confirm_table, confirm_grid, confirm_notes = confirmed
+        md += ["## Confirmed on fresh seeds (the headline)", "", to_markdown(confirm_grid), "",
+               *[f"- {n}" for n in confirm_notes], ""]
+        tex += to_latex(confirm_grid, f"{spec.description}: the top configurations confirmed on fresh seeds",
+                        tex_label(spec.name) + "-confirmed", confirm_notes)
+        text = to_markdown(confirm_grid)
+    else:
+        text = to_markdown(grid)
+    md += [f"## Top {TOP_K} search trials by {ranked_by}", "", to_markdown(grid), "",
+           "## Parameter importances (Optuna fANOVA)", ""]
     md += [to_markdown(importance_grid(importances)), ""] if importances else [f"_{importance_note}_", ""]
     md += ["## Protocol", "", *[f"- {n}" for n in notes], "", f"![final {name} per parameter]({plot_name})", ""]
-    tex = to_latex(grid, f"{spec.description}: top {TOP_K} trials by {ranked_by}", tex_label(spec.name), notes)
+    tex += to_latex(grid, f"{spec.description}: top {TOP_K} trials by {ranked_by}", tex_label(spec.name), notes)
     if importances:
         tex += to_latex(importance_grid(importances), f"{spec.name}: parameter importances (Optuna fANOVA)",
                         tex_label(spec.name) + "-importance", [])
-    return Document(table, text, notes, "\n".join(md), tex, table.to_csv(index_label="trial"), plot_name,
+    csv = table.to_csv(index_label="trial")
+    if confirmed is not None:
+        csv = confirmed[0].to_csv(index_label="configuration") + "\n" + csv
+    return Document(table, text, notes, "\n".join(md), tex, csv, plot_name,
                     search_plot(table, spec.space, metric, rank, spec.name))
+
+
+def confirm_section(ctx: Context) -> tuple[pd.DataFrame, Grid, list[str]] | None:
+    """The confirmation stage as an ablation over its rows (the base configuration is the reference): its
+    table, grid and notes; None without confirm children."""
+    if "tags.stage" not in ctx.children:
+        return None
+    confirm = ctx.children[ctx.children["tags.stage"] == "confirm"].reset_index(drop=True)
+    if confirm.empty or not (confirm["status"] == "FINISHED").any():
+        return None
+    names = sorted(confirm["tags.variant"].dropna().unique(), key=_confirm_order)
+    spec = replace(ctx.spec, kind="ablation", variants=tuple(Variant(n, {}) for n in names), full=CONFIRM_BASE)
+    sub = replace(ctx, spec=spec, children=confirm, protocol=SELECTION)
+    table = ablation_table(spec, confirm, ctx.metric, SELECTION, read_protocols(sub),
+                           read_replicates(sub, ctx.metric), ctx.style)
+    grid = ablation_grid(table, ctx.metric, CONFIRM_BASE)
+    seeds = sorted(confirm["tags.seed"].dropna().unique()) if "tags.seed" in confirm else []
+    notes = [f"The top {len(names) - 1} search configurations by the validation {label(ctx.metric)} the search "
+             f"optimised, re-trained with the base configuration on fresh seeds ({', '.join(seeds)}; the search "
+             "ran on one other seed); Δ against the base configuration.",
+             *ablation_notes(sub, table, SELECTION)[:3]]
+    return table, grid, notes
+
+
+def _confirm_order(name: str) -> tuple[int, str]:
+    """base first, then top1, top2, ..."""
+    if name == CONFIRM_BASE:
+        return 0, ""
+    head = name.split(" ", 1)[0]
+    return (1, f"{int(head[3:]):06d}") if head.startswith("top") and head[3:].isdigit() else (2, name)
+
+
+def add_protocols(ctx: Context, table: pd.DataFrame, metric: str) -> None:
+    """The top trials' `<metric>` at their best test evaluation and at their last (from the histories), beside
+    the selected checkpoint's (the ranked val protocol)."""
+    top = ctx.finished[ctx.finished["run_id"].isin(table["run_id"].head(TOP_K))]
+    frame = read_protocols(replace(ctx, children=top)) if not top.empty else pd.DataFrame()
+    for protocol in ("test", "last"):
+        column = f"{protocol}/{metric}"
+        table[f"{metric}_{protocol}"] = table["run_id"].map(frame[column]) if column in frame else math.nan
 
 
 # ---------------------------------------------------------------- the table, ranking and importances
@@ -97,6 +162,34 @@ def status_counts(children: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
+def stored_importances(ctx: Context) -> tuple[dict[str, float], str | None] | None:
+    """fANOVA importances (seeded) from the search's own Optuna study (the parent's tags optuna.storage and
+    optuna.study): the values the searcher was told; None when the study is not there."""
+    url, name = tag(ctx.parent, "optuna.storage"), tag(ctx.parent, "optuna.study")
+    if not url or not name or (url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file()):
+        return None
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(ctx.spec.space) == 1:
+            return {}, f"a single searched parameter ({next(iter(ctx.spec.space))}): its importance is 1"
+        if len(complete) < 2:
+            return {}, f"importances need at least 2 complete trials in the Optuna study, have {len(complete)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (KeyError, RuntimeError, ValueError) as err:
+        return {}, f"importances could not be computed from the Optuna study {name}: {err}"
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return ({k: float(v) for k, v in values.items()},
+            f"from the Optuna study {name!r} in {url} (each trial's last reported value, as the searcher saw "
+            f"it; open it with `optuna-dashboard {url}`)")
+
+
 def param_importances(space: dict[str, Domain], table: pd.DataFrame, metric: str) -> tuple[dict[str, float],
                                                                                           str | None]:
     """fANOVA importances (Optuna) of the searched params for `metric`; a note instead when undefined."""
@@ -137,14 +230,19 @@ def search_grid(table: pd.DataFrame, keys: list[str], metric: str, rank: str) ->
     """The top TOP_K trials; the ranked column of the best one in bold."""
     others = [m for m in CORE if m != metric and m in table]
     ranked = [rank] if rank != metric else []
+    protocols = [p for p in ("test", "last") if f"{metric}_{p}" in table]
+    protocol_names = {"test": "best-on-test", "last": "last"}
     headers = ["Trial", *keys, *[f"{label(metric)} (val, ranked)" for _ in ranked],
-               f"{label(metric)} (test)" + ("" if ranked else ", ranked"), *[label(m) for m in others],
+               f"{label(metric)} (test)" + ("" if ranked else ", ranked"),
+               *[f"{label(metric)} {protocol_names[p]}" for p in protocols], *[label(m) for m in others],
                "best epoch", "epochs"]
     grid = Grid(headers, [])
     for trial, row in table.head(TOP_K).iterrows():
         cells = [str(trial), *[param_text(row[k]) for k in keys]]
         cells += [num(row[r] * percent_scale(metric)) for r in ranked]
-        cells += [num(row[m] * percent_scale(m)) for m in (metric, *others)]
+        cells += [num(row[metric] * percent_scale(metric))]
+        cells += [num(row[f"{metric}_{p}"] * percent_scale(metric)) for p in protocols]
+        cells += [num(row[m] * percent_scale(m)) for m in others]
         cells += [num(row.get("best_epoch"), 0), num(row.get("epochs"), 0)]
         grid.rows.append(cells)
     if grid.rows:
@@ -168,7 +266,10 @@ def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | No
     scheduler = ", ".join(f"{k}={v}" for k, v in ctx.spec.scheduler.items())
     notes = [f"Trials: {len(ctx.children)} ({statuses}); early-stopped (tag stopped_early or fewer epochs than "
              f"the longest trial): {counts['early-stopped']}; failed: {counts.get('FAILED', 0)}.",
-             f"Ranked by {_rank_text(ctx.metric, rank)}; test metrics of the selected checkpoint beside it; all "
+             f"Ranked by {_rank_text(ctx.metric, rank)}; test metrics of the selected checkpoint beside it, and "
+             f"the test {label(ctx.metric)} at the trial's best test evaluation (best-on-test, what the authors' code "
+             "prints; for information only: choosing by it is optimistic) and at its last evaluation, both from the "
+             "logged histories; one seed per trial, so a ranking is not a comparison: the confirmed table is; all "
              "metrics in percent as the paper.",
              f"Searched space: {space}; scheduler: {scheduler}; "
              f"samples: {planned(ctx.parent, 'study.trials', ctx.spec.num_samples)}.",

@@ -193,10 +193,10 @@ def test_paired_t_test_matches_scipy(ablation: report.ReportFiles) -> None:
 
 def test_bold_marks_best_mean_per_metric(ablation: report.ReportFiles) -> None:
     md = ablation.md.read_text()
-    assert "**85.00 ± 1.00**" in md  # AP: the full model is best
-    assert "**91.00 ± 1.00**" in md  # AUC: the baseline is best
-    assert "**72.00 ± 2.00**" not in md
-    assert r"\textbf{85.00 $\pm$ 1.00}" in ablation.tex.read_text()
+    assert "**85.00 ± 1.00 [" in md  # AP: the full model is best (with its t-interval)
+    assert "**91.00 ± 1.00 [" in md  # AUC: the baseline is best
+    assert "**72.00 ± 2.00" not in md
+    assert r"\textbf{85.00 $\pm$ 1.00 [" in ablation.tex.read_text()
 
 
 def test_paper_values_and_protocol_footer(ablation: report.ReportFiles) -> None:
@@ -319,7 +319,7 @@ def test_search_ranks_by_the_validation_metric_it_optimised(store: dict[str, str
     header = files.text.splitlines()[0]
     assert "AP (val, ranked)" in header and "AP (test)" in header
     assert "Ranked by the validation AP" in files.md.read_text()
-    assert "## Top 5 trials by validation AP" in files.md.read_text()
+    assert "## Top 5 search trials by validation AP" in files.md.read_text()
     assert files.summary == {"best": {"auc": 0.9, "ap": 0.70, "ano_auc": 0.6, "map_avg": 20.0, "val_ap": 0.95}}
 
 

@@ -9,18 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from study.report import summary
-from study.report.ablation import ablation_grid, ablation_table, aggregate, paired_test, variant_order
+from study.report.ablation import ablation_grid, ablation_table, aggregate, run_values, variant_order
 from study.report.context import final_metrics
 from study.report.render import Grid, mean_std, num, pvalue, signed, tex_escape, tex_label, to_latex, to_markdown
 from study.report.search import TOP_K, rank_column, search_grid, search_table, status_counts
 from study.spec import parse
 
-ABLATION = parse({
+_ABLATION_RAW = {
     "name": "ablation_f", "kind": "ablation", "description": "x", "metric": "ap", "seeds": 3, "full": "Full",
     "variants": [{"name": "Base", "paper": {"ap": 70.0}}, {"name": "Full", "paper": {"ap": 80.0}}],
-}, Path("ablation_f.yaml"))
+}
+ABLATION = parse(_ABLATION_RAW, Path("ablation_f.yaml"))
 SEARCH = parse({
     "name": "search_f", "kind": "search", "description": "x", "metric": "ap", "num_samples": 4,
     "space": {"model.window": {"choice": [4, 8, 16]}, "loss.cts_weight": {"loguniform": [1.0e-5, 1.0]}},
@@ -51,39 +53,44 @@ def _finished(runs: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- ablation statistics
 
 
-def test_aggregate_is_mean_sample_std_and_count_per_variant() -> None:
-    runs = _finished(_ablation_runs())
-    table = aggregate(runs, ["Base", "Full", "Missing"], ["auc", "ap"])
-    for variant, values in (("Base", BASE), ("Full", FULL)):
-        ap = np.array([v[1] for v in values.values()])
+def test_aggregate_is_mean_sample_std_count_and_t_interval_per_variant() -> None:
+    values = run_values(_finished(_ablation_runs()), ["auc", "ap"])
+    table = aggregate(values, ["Base", "Full", "Missing"], ["auc", "ap"])
+    for variant, seeds in (("Base", BASE), ("Full", FULL)):
+        ap = np.array([v[1] for v in seeds.values()])
         assert table.loc[variant, "ap_mean"] == pytest.approx(ap.mean())
         assert table.loc[variant, "ap_std"] == pytest.approx(ap.std(ddof=1))
         assert table.loc[variant, "ap_n"] == len(ap)
+        low, high = stats.t.interval(0.95, len(ap) - 1, loc=ap.mean(), scale=stats.sem(ap))
+        assert table.loc[variant, "ap_low"] == pytest.approx(low)
+        assert table.loc[variant, "ap_high"] == pytest.approx(high)
     assert table.loc["Missing", "ap_n"] == 0 and math.isnan(table.loc["Missing", "ap_mean"])
-    assert list(table.columns) == [f"{m}_{s}" for m in ("auc", "ap") for s in ("mean", "std", "n")]
+    assert list(table.columns) == [f"{m}_{s}" for m in ("auc", "ap") for s in ("mean", "std", "n", "low", "high")]
 
 
-def test_paired_test_equals_scipy_ttest_rel_over_matched_seeds() -> None:
-    runs = _finished(_ablation_runs())
-    seeds = [0, 1, 2]  # Full's seed 3 has no partner
+def test_paired_comparison_over_matched_seeds_with_holm_across_rows() -> None:
+    runs = _ablation_runs()
+    runs = pd.concat([runs, pd.DataFrame([_row("Third", s, ap=FULL[s][1] - 0.01 * (s + 1)) for s in range(4)])])
+    spec = parse({**_ABLATION_RAW, "variants": [*_ABLATION_RAW["variants"], {"name": "Third"}]},
+                 Path("ablation_f.yaml"))
+    table = ablation_table(spec, runs, "ap")
+    seeds = [0, 1, 2]  # Full's seed 3 has no partner in Base
     base, full = [BASE[s][1] for s in seeds], [FULL[s][1] for s in seeds]
-    delta, p, pairs = paired_test(runs, "Base", "Full", "ap")
-    assert p == pytest.approx(stats.ttest_rel(base, full).pvalue)
-    assert delta == pytest.approx(np.mean(base) - np.mean(full))
-    assert pairs == 3
+    assert table.loc["Base", "ap_p"] == pytest.approx(stats.ttest_rel(base, full).pvalue)
+    assert table.loc["Base", "ap_delta"] == pytest.approx(np.mean(base) - np.mean(full))
+    assert table.loc["Base", "ap_pairs"] == 3 and table.loc["Third", "ap_pairs"] == 4
+    raw = [table.loc[v, "ap_p"] for v in ("Base", "Third")]
+    assert [table.loc[v, "ap_p_holm"] for v in ("Base", "Third")] == pytest.approx(
+        list(multipletests(raw, method="holm")[1]))
+    assert math.isnan(table.loc["Full", "ap_p_holm"]) and table.loc["Full", "ap_sig"] == ""
+    assert table.loc["Base", "ap_sig"] == ("n.s." if table.loc["Base", "ap_p_holm"] >= 0.05 else "*")
 
 
-def test_paired_test_undefined_cases() -> None:
-    runs = _finished(_ablation_runs())
-    one = runs[runs["tags.seed"] == "0"]
-    delta, p, pairs = paired_test(one, "Base", "Full", "ap")
-    assert delta == pytest.approx(0.70 - 0.84) and math.isnan(p) and pairs == 1
-    shifted = pd.DataFrame([_row("A", s, ap=s + 0.5) for s in range(3)] + [_row("B", s, ap=s + 0.25) for s in range(3)])
-    delta, p, pairs = paired_test(shifted, "A", "B", "ap")  # an exactly constant difference: no t statistic
-    assert delta == 0.25 and math.isnan(p) and pairs == 3
-    assert paired_test(runs.drop(columns="tags.seed"), "Base", "Full", "ap")[2] == 0
-    assert paired_test(runs, "Nobody", "Full", "ap")[2] == 0
-    assert paired_test(runs, "Base", "Full", "map_avg")[2] == 0
+def test_identical_rows_give_zero_difference() -> None:
+    same = pd.DataFrame([_row(v, s, ap=0.5 + 0.1 * s) for v in ("Base", "Full") for s in range(3)])
+    table = ablation_table(ABLATION, same, "ap")
+    assert table.loc["Base", "ap_delta"] == 0.0 and table.loc["Base", "ap_p"] == 1.0
+    assert table.loc["Base", "ap_sig"] == "n.s."
 
 
 def test_ablation_table_rows_counts_paper_and_test() -> None:
@@ -105,8 +112,11 @@ def test_ablation_grid_percent_bold_and_reference() -> None:
     grid = ablation_grid(table, "ap", "Full")
     assert grid.headers[:5] == ["Variant", "n", "AUC", "AP", "AP (paper)"]
     base, full = grid.rows[0], grid.rows[1]
-    assert full[0] == "Full (full)" and full[grid.headers.index("ΔAP vs full")] == "ref."
-    assert base[grid.headers.index("ΔAP vs full")] == signed((table.loc["Base", "ap_delta"]) * 100)
+    column = grid.headers.index("ΔAP vs full [95% CI]")
+    assert full[0] == "Full (full)" and full[column] == "ref."
+    assert base[column].startswith(signed(table.loc["Base", "ap_delta"] * 100) + " [")
+    assert base[grid.headers.index("AP")] == mean_std(table.loc["Base"], "ap", interval_of_mean=True)
+    assert base[grid.headers.index("p (Holm)")].endswith(table.loc["Base", "ap_sig"])
     assert (0, grid.headers.index("AUC")) in grid.bold and (1, grid.headers.index("AP")) in grid.bold
     assert base[grid.headers.index("failed")] == "1"
 

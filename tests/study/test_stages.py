@@ -1,0 +1,126 @@
+"""A search's confirmation stage (same parent, children tagged by stage, the confirmed table as the headline,
+--resume after a kill inside it adds no duplicate run) and trial reuse across studies (no trial trained twice)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from study.run import RunOptions, run_study
+from tests.study.test_run_e2e import TINY, tiny_spec
+
+
+def _trials(uri: str, name: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        return pd.DataFrame()
+    return mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
+
+
+def test_search_confirm_stage_headline_and_resume_inside_it(tmp_path):
+    name = "tiny_confirm"
+    raw = {"kind": "search", "description": "window search with confirmation", "preset": "synthetic",
+           "metric": "ap", "num_samples": 3, "max_concurrent": 1, "scheduler": {"type": "fifo"},
+           "base": {"eval.score_branch": "a", **TINY}, "space": {"model.window": {"choice": [4, 8, 16]}},
+           "confirm": {"top": 2, "seeds": 2}}
+    spec_path = tmp_path / f"{name}.yaml"
+    spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "study.run", str(spec_path), "--max-epochs", "1", "--num-cpus", "1"]
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, confirmed = time.time() + 300, 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        try:
+            runs = _trials(uri, name)
+        except Exception:
+            continue
+        if len(runs) and "tags.stage" in runs:
+            confirmed = int(((runs["tags.stage"] == "confirm") & (runs["status"] == "FINISHED")).sum())
+        if confirmed >= 1:
+            break
+    assert proc.poll() is None, "the study finished before its confirmation stage could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "confirm stage" in err, err[-3000:]
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    runs = _trials(uri, name)
+    search, confirm = runs[runs["tags.stage"] == "search"], runs[runs["tags.stage"] == "confirm"]
+    assert len(search) == 3 and set(search["status"]) == {"FINISHED"}
+    # top 2 + the base, each on 2 fresh seeds; one run per (row, seed): the resume added no duplicate
+    assert len(confirm) == 6 and confirm.groupby(["tags.variant", "tags.seed"]).size().max() == 1
+    assert set(confirm["status"]) == {"FINISHED"} and runs["tags.mlflow.parentRunId"].nunique() == 1
+    assert set(confirm["tags.seed"]) == {"235", "236"} and set(search["tags.seed"]) == {"234"}
+    rows = set(confirm["tags.variant"])
+    assert "base" in rows and {r.split(" ")[0] for r in rows - {"base"}} == {"top1", "top2"}
+    # the top 2 are the best two search trials by their validation AP
+    best = search.sort_values("metrics.final/val/ap", ascending=False)["params.model.window"].head(2)
+    tops = sorted(confirm.loc[confirm["tags.variant"] != "base", "params.model.window"].unique())
+    assert sorted(best) == tops
+
+    report = (tmp_path / "reports" / f"{name}.md").read_text()
+    headline = report.split("## Confirmed on fresh seeds (the headline)", 1)[1].split("##", 1)[0]
+    assert "base (full)" in headline and "p (Holm)" in headline and "top1" in headline
+    assert report.index("Confirmed on fresh seeds") < report.index("search trials by")
+    assert "\n| base (full)" in resumed.stdout  # the console shows the confirmed table
+
+
+def test_identical_trials_are_reused_across_studies_not_trained_again(tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = run_study(str(tiny_spec(tmp_path, "tiny_first")), RunOptions(max_epochs=1, project=tmp_path))
+        raw = yaml.safe_load(tiny_spec(tmp_path, "tiny_second").read_text())
+        # the same full row under another name, and one new row
+        raw["variants"] = [{"name": "gcn", "set": {"model.temporal": "gcn"}},
+                           {"name": "LGT again", "set": {"model.temporal": "local+gcn"}}]
+        raw["full"] = "LGT again"
+        path = tmp_path / "tiny_second.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        second = run_study(str(path), RunOptions(max_epochs=1, project=tmp_path))
+        third = run_study(str(path), RunOptions(max_epochs=1, project=tmp_path, reuse=False, seeds=1))
+    finally:
+        ray.shutdown()
+    uri = first["tracking_uri"]
+    original = _trials(uri, "tiny_first")
+    runs = _trials(uri, "tiny_second")
+    by_parent = {p: r for p, r in runs.groupby("tags.mlflow.parentRunId")}
+    reused = by_parent[second["parent_run_id"]]
+    copies = reused[reused["tags.reused_from"].notna()] if "tags.reused_from" in reused else reused.iloc[:0]
+    assert len(copies) == 2 and set(copies["tags.variant"]) == {"LGT again"}  # 2 seeds of the shared row
+    lgt = original[original["tags.variant"] == "LGT"].set_index("run_id")
+    for _, copy in copies.iterrows():
+        source = lgt.loc[copy["tags.reused_from"]]
+        assert source["tags.seed"] == copy["tags.seed"]
+        assert copy["metrics.final/ap"] == source["metrics.final/ap"]
+    # the reused row equals the original row in the reports
+    table_first, table_second = first["report"].table, second["report"].table
+    assert table_second.loc["LGT again", "ap_mean"] == table_first.loc["LGT", "ap_mean"]
+    assert table_second.loc["LGT again", "reused"] == 2 and table_second.loc["gcn", "reused"] == 0
+    assert "Reused trials: 2 of 4" in second["report"].md.read_text()
+    forced = by_parent[third["parent_run_id"]]
+    assert "tags.reused_from" not in forced or forced["tags.reused_from"].isna().all()  # --no-reuse trains all
+    assert len(forced) == 2
+
+
+@pytest.mark.parametrize("flag", ["--confirm-top", "--confirm-seeds"])
+def test_confirm_flags_are_checked(flag, capsys):
+    from study.run import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search_window", flag, "-1"])
+    assert "expected an integer" in capsys.readouterr().err
