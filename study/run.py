@@ -373,9 +373,9 @@ def optuna_storage(inv: Invocation, opts: RunOptions) -> Any:
 
 
 def confirm_rows(spec: specs.StudySpec, p: Plan, inv: Invocation, top: int) -> dict[str, VadClipConfig]:
-    """The confirmation stage's rows: the base configuration and the `top` search trials by the validation metric
-    the search optimised (test metric under selection=test), ties by trial id; read from MLflow, so a resumed
-    invocation picks the same ones."""
+    """The confirmation stage's rows: the base configuration and the `top` distinct configurations of the search
+    trials by the validation metric the search optimised (test metric under selection=test), ties by trial id;
+    read from MLflow, so a resumed invocation picks the same ones."""
     from study.report.context import FINAL
     from study.tracking import children as child_runs
 
@@ -388,11 +388,16 @@ def confirm_rows(spec: specs.StudySpec, p: Plan, inv: Invocation, top: int) -> d
     if not trials:
         raise StudyError(f"study {spec.name}: no FINISHED search trial logged {FINAL[len('metrics.'):]}"
                          f"{key[len('final/'):]}; nothing to confirm")
-    rows = {CONFIRM_BASE: p.base}
-    for rank, run in enumerate(trials[:top], start=1):
+    rows, seen = {CONFIRM_BASE: p.base}, []
+    for run in trials:  # distinct configurations: a searcher may sample one twice
         values = {k: run.data.params[k] for k in spec.space if k in run.data.params}
+        if values in seen:
+            continue
+        seen.append(values)
         shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
-        rows[f"top{rank} · {shown}"] = specs.apply_trial(p.base, values)
+        rows[f"top{len(seen)} · {shown}"] = specs.apply_trial(p.base, values)
+        if len(seen) == top:
+            break
     return rows
 
 

@@ -18,7 +18,14 @@ from study.report.render import date_text
 from study.spec import StudySpec
 from study.tracking import PARENT, TRIAL
 from study.tracking import client as tracking_client
-from vadclip.bootstrap import BOOTSTRAP_FILE, BOOTSTRAP_METRICS, load_bootstrap
+from vadclip.bootstrap import (
+    BOOTSTRAP_FILE,
+    BOOTSTRAP_METRICS,
+    TEST_SCORES_FILE,
+    load_bootstrap,
+    load_test_scores,
+    video_bootstrap,
+)
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS as CORE
 
@@ -160,12 +167,18 @@ def read_replicates(ctx: Context, metric: str) -> dict[str, np.ndarray]:
     if metric not in BOOTSTRAP_METRICS:
         return {}
     out = {}
+    seeds = ctx.finished.get("tags.seed", pd.Series("0", index=ctx.finished.index))
     with tempfile.TemporaryDirectory(prefix="vadclip-report-") as tmp:
-        for i, run_id in enumerate(ctx.finished["run_id"]):
-            try:
-                path = mlflow.artifacts.download_artifacts(run_id=str(run_id), artifact_path=BOOTSTRAP_FILE,
-                                                           tracking_uri=ctx.uri, dst_path=f"{tmp}/{i}")
-            except (MlflowException, OSError):
-                continue
-            out[str(run_id)] = load_bootstrap(path)[metric]
+        for i, (run_id, seed) in enumerate(zip(ctx.finished["run_id"], seeds)):
+            def fetch(name: str, run_id: str = str(run_id), i: int = i) -> str | None:
+                try:
+                    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name,
+                                                               tracking_uri=ctx.uri, dst_path=f"{tmp}/{i}")
+                except (MlflowException, OSError):
+                    return None
+            if (path := fetch(BOOTSTRAP_FILE)) is not None:
+                out[str(run_id)] = load_bootstrap(path)[metric]
+            elif (path := fetch(TEST_SCORES_FILE)) is not None:  # recomputed from the scores, as the trial does
+                seed_value = int(seed) if str(seed).lstrip("-").isdigit() else 0
+                out[str(run_id)] = video_bootstrap(load_test_scores(path), seed=seed_value)[metric]
     return out

@@ -69,6 +69,17 @@ def test_tiny_study_parent_children_and_report_match_mlflow(tmp_path, ray_local)
         assert table.loc[variant, "ap_std"] == pytest.approx(row["std"])
         assert table.loc[variant, "ap_n"] == row["count"]
     assert "data:image/png;base64," in out["report"].html.read_text()  # the plot inside the page MLflow shows
+    # each run's test scores are stored: its video bootstrap can be recomputed from MLflow alone
+    from vadclip.bootstrap import BOOTSTRAP_FILE, TEST_SCORES_FILE, load_bootstrap, load_test_scores, video_bootstrap
+
+    run = runs.iloc[0]
+    scores = mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path=TEST_SCORES_FILE,
+                                                 dst_path=str(tmp_path / "dl"))
+    stored = load_bootstrap(mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path=BOOTSTRAP_FILE,
+                                                                dst_path=str(tmp_path / "dl")))
+    again = video_bootstrap(load_test_scores(scores), seed=int(run["tags.seed"]))
+    assert all((again[m] == stored[m]).all() or (again[m] != again[m]).all() for m in stored)
+    assert table.loc["LGT", "ap_boot_low"] <= table.loc["LGT", "ap_mean"] <= table.loc["LGT", "ap_boot_high"]
     md = (tmp_path / "reports" / "tiny_ablation.md").read_text()
     assert "LGT" in md and "84.51" in md and "average_precision_score" in md
     assert (tmp_path / "reports" / "tiny_ablation.tex").read_text().count("\\toprule") == 1

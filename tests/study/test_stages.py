@@ -66,8 +66,9 @@ def test_search_confirm_stage_headline_and_resume_inside_it(tmp_path):
     assert set(confirm["tags.seed"]) == {"235", "236"} and set(search["tags.seed"]) == {"234"}
     rows = set(confirm["tags.variant"])
     assert "base" in rows and {r.split(" ")[0] for r in rows - {"base"}} == {"top1", "top2"}
-    # the top 2 are the best two search trials by their validation AP
-    best = search.sort_values("metrics.final/val/ap", ascending=False)["params.model.window"].head(2)
+    # the top 2 are the best two distinct configurations of the search by their validation AP
+    ranked = search.sort_values(["metrics.final/val/ap", "tags.trial_id"], ascending=[False, True])
+    best = list(dict.fromkeys(ranked["params.model.window"]))[:2]
     tops = sorted(confirm.loc[confirm["tags.variant"] != "base", "params.model.window"].unique())
     assert sorted(best) == tops
 
@@ -111,7 +112,7 @@ def test_identical_trials_are_reused_across_studies_not_trained_again(tmp_path):
     table_first, table_second = first["report"].table, second["report"].table
     assert table_second.loc["LGT again", "ap_mean"] == table_first.loc["LGT", "ap_mean"]
     assert table_second.loc["LGT again", "reused"] == 2 and table_second.loc["gcn", "reused"] == 0
-    assert "Reused trials: 2 of 4" in second["report"].md.read_text()
+    assert any("Reused trials: 2 of 4 " in note for note in second["report"].notes)  # the md is rewritten below
     forced = by_parent[third["parent_run_id"]]
     assert "tags.reused_from" not in forced or forced["tags.reused_from"].isna().all()  # --no-reuse trains all
     assert len(forced) == 2
@@ -124,3 +125,25 @@ def test_confirm_flags_are_checked(flag, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["search_window", flag, "-1"])
     assert "expected an integer" in capsys.readouterr().err
+
+
+def test_seeds_auto_adds_seeds_until_the_target_or_the_cap(tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        path = tiny_spec(tmp_path, "tiny_auto")
+        capped = run_study(str(path), RunOptions(max_epochs=1, project=tmp_path, seeds_auto=True, ci_target=1e-6,
+                                                 seeds_cap=3))
+        met = run_study(str(path), RunOptions(max_epochs=1, project=tmp_path, seeds_auto=True, ci_target=1e6,
+                                              seeds_cap=3))
+    finally:
+        ray.shutdown()
+    runs = _trials(capped["tracking_uri"], "tiny_auto")
+    first = runs[runs["tags.mlflow.parentRunId"] == capped["parent_run_id"]]
+    assert sorted(first["tags.seed"].unique()) == ["234", "235", "236"]  # 2 to start, 1 added, then the cap
+    assert first.groupby("tags.variant").size().to_dict() == {"LGT": 3, "none": 3}
+    assert any("cap 3 reached" in note for note in capped["report"].notes)
+    second = runs[runs["tags.mlflow.parentRunId"] == met["parent_run_id"]]
+    assert sorted(second["tags.seed"].unique()) == ["234", "235"]  # the target holds at once
+    assert any("<= target 1e+06" in note for note in met["report"].notes)
