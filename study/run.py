@@ -319,7 +319,7 @@ def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv
     failures: dict[str, Any] = {}
     n = len(p.seeds)
     while True:
-        half = reference_half_width(spec, p, inv)
+        half = reference_half_width(spec, p, inv, n)
         done = half == half and half <= target
         if done or n >= cap:
             verdict = (f"half-width {half:.2f} <= target {target:g}" if done
@@ -336,16 +336,18 @@ def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv
         failures.update(more)
 
 
-def reference_half_width(spec: specs.StudySpec, p: Plan, inv: Invocation) -> float:
+def reference_half_width(spec: specs.StudySpec, p: Plan, inv: Invocation, n: int) -> float:
     """Half the 95 % t-interval (in the table's units: percent for AUC/AP/AnoAUC) of the full row's study metric
-    over its FINISHED trials so far; NaN with fewer than 2."""
+    over its FINISHED trials of the first `n` seeds (a resumed invocation replays the rounds as they were decided);
+    NaN with fewer than 2."""
     from study.report.stats import t_interval
     from study.tracking import children as child_runs
     from vadclip.metrics import percent_scale
 
     key = f"final/{mlflow_key(p.metric)}"
     values = [r.data.metrics[key] for r in child_runs(inv.uri, inv.experiment_id, inv.parent_id)
-              if r.info.status == "FINISHED" and r.data.tags.get("variant") == spec.full and key in r.data.metrics]
+              if r.info.status == "FINISHED" and r.data.tags.get("variant") == spec.full and key in r.data.metrics
+              and r.data.tags.get("seed", "").isdigit() and int(r.data.tags["seed"]) < p.base.seed + n]
     low, high = t_interval(values)
     return (high - low) / 2 * percent_scale(p.metric)
 
