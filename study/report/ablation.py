@@ -114,8 +114,10 @@ def ablation_table(spec: StudySpec, children: pd.DataFrame, metric: str, protoco
     if protocols is not None:
         protocol_columns(table, finished, protocols, order, metric)
     if replicates:
+        # seed order, not MLflow's start-time order: the interval is the same whichever trial finished first
+        ordered = values.sort_values("tags.seed", key=lambda seeds: seeds.map(_seed_key), kind="stable")
         table[f"{metric}_boot_low"], table[f"{metric}_boot_high"] = zip(*[
-            two_level_bootstrap([replicates[r] for r in finished.loc[finished["tags.variant"] == v, "run_id"]
+            two_level_bootstrap([replicates[r] for r in ordered.loc[ordered["tags.variant"] == v, "run_id"]
                                  if r in replicates]) for v in order])
     return table
 

@@ -204,3 +204,14 @@ def test_markdown_and_latex_escape() -> None:
     assert r"\textbf{50\%}" in tex and r"a\_b" in tex and r"\caption{cap \& more}" in tex
     assert r"\label{tab:my-study}" in tex and r"note $\pm$" in tex
     assert tex_escape("Δ~^") == r"$\Delta$\textasciitilde{}\textasciicircum{}"
+
+
+def test_two_level_bootstrap_interval_does_not_depend_on_the_order_runs_are_read() -> None:
+    runs = _ablation_runs()
+    rng = np.random.default_rng(0)
+    replicates = {r: rng.normal(0.8, 0.02, 200) for r in runs["run_id"]}
+    one = ablation_table(ABLATION, runs, "ap", replicates=replicates)
+    other = ablation_table(ABLATION, runs.iloc[::-1].reset_index(drop=True), "ap", replicates=replicates)
+    assert one["ap_boot_low"].tolist() == other["ap_boot_low"].tolist()
+    assert one["ap_boot_high"].tolist() == other["ap_boot_high"].tolist()
+    assert one.loc["Full", "ap_boot_low"] < 0.8 < one.loc["Full", "ap_boot_high"]
