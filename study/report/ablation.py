@@ -219,9 +219,11 @@ def _shown_metrics(table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
             if (f"{m}_mean" in table and table[f"{m}_mean"].notna().any()) or f"{m}_paper" in table]
 
 
-def ablation_grid(table: pd.DataFrame, metric: str, full: str | None, columns: Sequence[str] = CORE) -> Grid:
+def ablation_grid(table: pd.DataFrame, metric: str, full: str | None, columns: Sequence[str] = CORE,
+                  reference: str = "full") -> Grid:
     """Percent cells `mean ± std [95 % t-interval]`; the best mean per metric in bold, unless every row ties; the
-    paired difference to the full model with its interval, its p and the Holm-adjusted p with its mark."""
+    paired difference to the full model (`reference`: how the table names that row) with its interval, its p and
+    the Holm-adjusted p with its mark."""
     shown = _shown_metrics(table, columns)
     name = label(metric)
     boot = f"{metric}_boot_low" in table
@@ -229,13 +231,14 @@ def ablation_grid(table: pd.DataFrame, metric: str, full: str | None, columns: S
     for m in shown:
         headers += [label(m)] + ([f"{label(m)} (paper)"] if f"{m}_paper" in table else [])
     headers += [f"{name} 95% CI (seeds × videos)"] if boot else []
-    headers += [f"Δ{name} vs full [95% CI]", "p", "p (Holm)", "failed"]
+    headers += [f"Δ{name} vs {reference} [95% CI]", "p", "p (Holm)", "failed"]
     grid = Grid(headers, [])
     means = {m: table[f"{m}_mean"].dropna() for m in shown if f"{m}_mean" in table}
     best = {m: v.max() for m, v in means.items() if v.round(9).nunique() > 1}
     scale = percent_scale(metric)
     for r, (variant, row) in enumerate(table.iterrows()):
-        cells = [f"{variant} (full)" if variant == full else str(variant), str(int(row["runs"]))]
+        marked = variant == full and variant != reference  # "LGT-Adapter (full)"; the confirmed "base" as is
+        cells = [f"{variant} ({reference})" if marked else str(variant), str(int(row["runs"]))]
         for m in shown:
             if row.get(f"{m}_mean") == best.get(m) and finite(best.get(m)):
                 grid.bold.add((r, len(cells)))

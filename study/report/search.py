@@ -86,7 +86,7 @@ def confirm_section(ctx: Context) -> tuple[pd.DataFrame, Grid, list[str]] | None
     sub = replace(ctx, spec=spec, children=confirm, protocol=SELECTION)
     table = ablation_table(spec, confirm, ctx.metric, SELECTION, read_protocols(sub),
                            read_replicates(sub, ctx.metric), ctx.style)
-    grid = ablation_grid(table, ctx.metric, CONFIRM_BASE)
+    grid = ablation_grid(table, ctx.metric, CONFIRM_BASE, reference=CONFIRM_BASE)
     seeds = sorted(confirm["tags.seed"].dropna().unique()) if "tags.seed" in confirm else []
     notes = [f"The top {len(names) - 1} search configurations by the validation {label(ctx.metric)} the search "
              f"optimised, re-trained with the base configuration on fresh seeds ({', '.join(seeds)}; the search "

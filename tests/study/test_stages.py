@@ -74,9 +74,9 @@ def test_search_confirm_stage_headline_and_resume_inside_it(tmp_path):
 
     report = (tmp_path / "reports" / f"{name}.md").read_text()
     headline = report.split("## Confirmed on fresh seeds (the headline)", 1)[1].split("##", 1)[0]
-    assert "base (full)" in headline and "p (Holm)" in headline and "top1" in headline
+    assert "\n| base " in headline and "ΔAP vs base" in headline and "p (Holm)" in headline and "top1" in headline
     assert report.index("Confirmed on fresh seeds") < report.index("search trials by")
-    assert "\n| base (full)" in resumed.stdout  # the console shows the confirmed table
+    assert "\n| base " in resumed.stdout  # the console shows the confirmed table
 
 
 def test_identical_trials_are_reused_across_studies_not_trained_again(tmp_path):
