@@ -72,6 +72,14 @@ def test_search_confirm_stage_headline_and_resume_inside_it(tmp_path):
     tops = sorted(confirm.loc[confirm["tags.variant"] != "base", "params.model.window"].unique())
     assert sorted(best) == tops
 
+    # the searcher's Optuna study lives beside the MLflow store, named after the invocation
+    import optuna
+
+    parent = mlflow.get_run(runs["tags.mlflow.parentRunId"].iloc[0])
+    assert parent.data.tags["optuna.storage"] == f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name=parent.data.tags["optuna.study"], storage=parent.data.tags["optuna.storage"])
+    assert len(study.trials) == 3 and {t.params["model.window"] for t in study.trials} <= {4, 8, 16}
+
     report = (tmp_path / "reports" / f"{name}.md").read_text()
     headline = report.split("## Confirmed on fresh seeds (the headline)", 1)[1].split("##", 1)[0]
     assert "\n| base " in headline and "ΔAP vs base" in headline and "p (Holm)" in headline and "top1" in headline
