@@ -124,3 +124,16 @@ def test_training_step_equals_the_straightforward_version(tiny):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     for k, g in results[0][1].items():
         torch.testing.assert_close(g, results[1][1][k], rtol=1e-3, atol=1e-6, msg=k)
+
+
+def test_max_steps_per_epoch_trains_a_prefix_of_each_epoch(tiny, tmp_path):
+    cfg, data = tiny
+    capped = fit(preset("synthetic", overrides={**TINY, "optim.max_steps_per_epoch": 1, "eval.eval_every_steps": 1,
+                                                "data.cache_dir": cfg.data.cache_dir}),
+                 data, out_dir=tmp_path / "capped", progress=False)
+    assert [h["step"] for h in capped.history] == [1, 2]  # one step per epoch, counted globally
+    assert capped.evaluations == []  # the only step of an epoch is evaluated at the epoch's end
+    full = fit(cfg, data, out_dir=tmp_path / "full", progress=False)
+    assert full.history[0]["step"] > 1
+    with pytest.raises(ConfigError, match="optim.max_steps_per_epoch must be >= 0"):
+        preset("synthetic", overrides={"optim.max_steps_per_epoch": -1})

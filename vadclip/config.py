@@ -109,6 +109,7 @@ class OptimConfig:
     epochs: int = 10
     batch_size: int = 96  # mixed: whole batch; balanced: per side (64 normal + 64 abnormal)
     sampler: Literal["balanced", "mixed"] = "mixed"  # UCF balanced, XD mixed
+    max_steps_per_epoch: int = 0  # > 0: cap the steps of an epoch (smoke and bench runs at full scale); 0 = no cap
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ def validate(cfg: VadClipConfig) -> None:
     if m.embed_dim % (2 * m.heads):
         raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be divisible by 2*model.heads")
     for key in ("model.local_layers", "model.global_tf_layers", "model.prompt_prefix",
-                "model.prompt_postfix", "loss.topk_fixed", "eval.eval_every_steps"):
+                "model.prompt_postfix", "loss.topk_fixed", "eval.eval_every_steps", "optim.max_steps_per_epoch"):
         if get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(cfg, key)}")
     if m.prompt_prefix + m.prompt_postfix > 60:

@@ -199,6 +199,8 @@ class _Trainer:
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: resume replays it exactly
         batches = epoch_batches(data.train_labels[:, 0] > 0.5, cfg.optim.batch_size, cfg.optim.sampler, rng)
+        if cfg.optim.max_steps_per_epoch:  # the first steps of the same permutation: a prefix of the full epoch
+            batches = batches[:cfg.optim.max_steps_per_epoch]
         sums: dict[str, float] = {}
         improved, every, evaluations = False, cfg.eval.eval_every_steps, []
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
