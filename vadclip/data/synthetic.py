@@ -281,3 +281,11 @@ def ensure_synthetic(cfg: SyntheticConfig, feature_dim: int, seed: int,
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return final / LISTS_DIR, final / FEATURES_DIR
+
+
+if __name__ == "__main__":  # python -m vadclip.data.synthetic --scale ucf-full OUT [--fraction F] [--seed S]
+    import sys
+
+    from vadclip.data.fullscale import main  # argparse there; imported here only, fullscale imports this module
+
+    sys.exit(main())
