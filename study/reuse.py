@@ -33,7 +33,8 @@ REUSED_FROM_TAG = "reused_from"
 COPIED_TAGS = ("test_branch",)  # result tags of a trial run (not its identity: params and tags it sets itself)
 # config keys that change no result: folders (the data fingerprint stands for their content), a plot-only
 # setting, and the synthetic cache folder (its content is keyed by the synthetic config, dim and seed)
-IGNORED_KEYS = ("data.lists", "data.features", "data.cache_dir", "eval.max_plot_videos")
+IGNORED_KEYS = ("data.lists", "data.features", "data.cache_dir", "eval.max_plot_videos",
+                "data.feature_cache")  # the packed cache holds the very same float32 values
 _BATCH = 1000  # MLflow's cap on metrics per log_batch
 
 

@@ -97,6 +97,10 @@ class DataConfig:
     test_crop: str = "default"  # default (UCF 5, XD 0) | 0..9 | mean
     val_fraction: float = 0.1  # training *videos* held out for model selection
     in_memory: bool = True  # False = read every sample from disk each step (the authors' way)
+    # in memory through a packed, memory-mapped cache built once per layout (vadclip.data.cache); False = read
+    # every file at each load (the same float32 values). Unused when in_memory is False.
+    feature_cache: bool = True
+    cache_dtype: Literal["float32", "float16"] = "float32"  # of the cache: float16 halves it (lossy)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

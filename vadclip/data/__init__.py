@@ -2,6 +2,7 @@
 and batching."""
 
 from vadclip.data.batching import Bank, collate, epoch_batches, pad_to_length, pool_to_length, split_chunks
+from vadclip.data.cache import CacheError, MappedFeatureBank, cache_location
 from vadclip.data.classes import multi_hot, parse_label
 from vadclip.data.conventions import (
     CLASS_CODES,
@@ -17,9 +18,11 @@ from vadclip.data.dataset import (
     DiskFeatureBank,
     EvalSet,
     FeatureBank,
+    Layout,
     VadDataset,
     build_bank,
     load_dataset,
+    read_layout,
     split_videos,
 )
 from vadclip.data.errors import DataError
@@ -34,10 +37,10 @@ from vadclip.data.layout import (
 from vadclip.data.synthetic import ensure_synthetic, synthetic_crops, write_synthetic
 
 __all__ = [
-    "CLASS_CODES", "CLASS_PROMPTS", "DEFAULT_TEST_CROP", "GT_NORMAL", "SNIPPET_FRAMES", "Bank", "DataError",
-    "DiskFeatureBank", "EvalSet", "FeatureBank", "ListRow", "VadDataset", "build_bank", "collate",
-    "crop_file_name", "ensure_synthetic", "epoch_batches", "list_files", "load_dataset", "load_features",
-    "multi_hot", "pad_to_length", "parse_label", "pool_to_length", "read_ground_truth", "read_list",
-    "resolve_feature_path", "split_chunks", "split_crop", "split_videos", "synthetic_crops",
-    "write_ground_truth", "write_synthetic",
+    "CLASS_CODES", "CLASS_PROMPTS", "DEFAULT_TEST_CROP", "GT_NORMAL", "SNIPPET_FRAMES", "Bank", "CacheError",
+    "DataError", "DiskFeatureBank", "EvalSet", "FeatureBank", "Layout", "ListRow", "MappedFeatureBank", "VadDataset",
+    "build_bank", "cache_location", "collate", "crop_file_name", "ensure_synthetic", "epoch_batches", "list_files",
+    "load_dataset", "load_features", "multi_hot", "pad_to_length", "parse_label", "pool_to_length",
+    "read_ground_truth", "read_layout", "read_list", "resolve_feature_path", "split_chunks", "split_crop",
+    "split_videos", "synthetic_crops", "write_ground_truth", "write_synthetic",
 ]

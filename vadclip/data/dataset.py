@@ -230,10 +230,33 @@ def _group_videos(rows: list[ListRow], csv: Path) -> dict[str, list[int]]:
     return groups
 
 
-def load_dataset(cfg: VadClipConfig) -> VadDataset:
-    """Train / validation / test data of `cfg.data` (synthetic data goes through the same reader)."""
+@dataclass
+class Layout:
+    """What `load_dataset` reads from the lists before any feature value: the feature file(s) of each item
+    of every part, in bank order, and the (cheap) labels. `files` has "train", "test" and, when videos are
+    held out, "val"; "train" items are pooled to `pool_length`, the others kept whole."""
+    lists_dir: Path
+    features_dir: Path
+    list_paths: list[Path]  # the train and test CSVs
+    files: dict[str, list[tuple[str, ...]]]
+    pool_length: int
+    train_labels: np.ndarray
+    train_video: np.ndarray
+    train_names: list[str]
+    val_names: list[str]
+    val_labels: np.ndarray | None
+    test_names: list[str]
+    test_labels: np.ndarray
+
+    def pools(self) -> dict[str, int | None]:
+        return {part: self.pool_length if part == "train" else None for part in self.files}
+
+
+def read_layout(cfg: VadClipConfig) -> Layout:
+    """The lists of `cfg.data` resolved to feature files (checked to exist; no feature is read), the
+    train / validation split made (synthetic data: generated first if missing)."""
     style, d = cfg.style, cfg.data
-    dim, length = cfg.model.embed_dim, cfg.model.visual_length
+    dim = cfg.model.embed_dim
     if d.dataset == "synthetic":
         lists_dir, features_dir = ensure_synthetic(d.synthetic, dim, cfg.seed, d.cache_dir)
     else:
@@ -250,33 +273,54 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
     train_names = [v for v, h in zip(videos, held) if not h]
     video_index = {v: i for i, v in enumerate(train_names)}
     train_rows = [r for r in rows if r.video in video_index]
-    train = build_bank([(str(r.path),) for r in train_rows], dim, length, d.in_memory)
-    train_labels = np.stack([multi_hot(r.classes, num_classes) for r in train_rows])
-    train_video = np.array([video_index[r.video] for r in train_rows], dtype=np.int64)
-
-    val = None
-    if held.any():
-        val_rows = [rows[groups[v][0]] for v, h in zip(videos, held) if h]
-        val = EvalSet(names=[r.video for r in val_rows],
-                      features=build_bank([_eval_files(r, d.test_crop, style, train_csv) for r in val_rows],
-                                          dim, None, d.in_memory),
-                      labels=np.stack([multi_hot(r.classes, num_classes) for r in val_rows]))
-
+    files: dict[str, list[tuple[str, ...]]] = {"train": [(str(r.path),) for r in train_rows]}
+    val_rows = [rows[groups[v][0]] for v, h in zip(videos, held) if h]
+    if val_rows:
+        files["val"] = [_eval_files(r, d.test_crop, style, train_csv) for r in val_rows]
     listed = read_list(test_csv, features_dir, style)  # one row per video, or every crop of it
     test_rows = [listed[idx[0]] for idx in _group_videos(listed, test_csv).values()]
-    test_bank = build_bank([_eval_files(r, d.test_crop, style, test_csv) for r in test_rows], dim, None, d.in_memory)
-    frame_gt, segments, segment_labels = read_ground_truth(lists_dir, style)
+    files["test"] = [_eval_files(r, d.test_crop, style, test_csv) for r in test_rows]
+    return Layout(lists_dir=lists_dir, features_dir=features_dir, list_paths=[train_csv, test_csv], files=files,
+                  pool_length=cfg.model.visual_length,
+                  train_labels=np.stack([multi_hot(r.classes, num_classes) for r in train_rows]),
+                  train_video=np.array([video_index[r.video] for r in train_rows], dtype=np.int64),
+                  train_names=train_names, val_names=[r.video for r in val_rows],
+                  val_labels=np.stack([multi_hot(r.classes, num_classes) for r in val_rows]) if val_rows else None,
+                  test_names=[r.video for r in test_rows],
+                  test_labels=np.stack([multi_hot(r.classes, num_classes) for r in test_rows]))
+
+
+def load_dataset(cfg: VadClipConfig) -> VadDataset:
+    """Train / validation / test data of `cfg.data` (synthetic data goes through the same reader). In memory:
+    from the packed feature cache (`data.feature_cache`, `vadclip.data.cache`) or by reading every file;
+    `data.in_memory = False`: read from the files at each access."""
+    style, d, dim = cfg.style, cfg.data, cfg.model.embed_dim
+    layout = read_layout(cfg)
+    banks: dict[str, Bank]
+    if d.in_memory and d.feature_cache:
+        from vadclip.data.cache import open_banks  # the cache builds on this module's banks
+
+        banks = dict(open_banks(cfg, layout))
+    else:
+        pools = layout.pools()
+        banks = {part: build_bank(files, dim, pools[part], d.in_memory) for part, files in layout.files.items()}
+
+    val = None
+    if layout.val_labels is not None:
+        val = EvalSet(names=layout.val_names, features=banks["val"], labels=layout.val_labels)
+    test_bank, names = banks["test"], list_files(style)
+    test_csv = layout.list_paths[1]
+    frame_gt, segments, segment_labels = read_ground_truth(layout.lists_dir, style)
     expected = SNIPPET_FRAMES * int(test_bank.lengths.sum())
     if len(frame_gt) != expected:
-        raise DataError(f"{lists_dir / names['frame_gt']}: {len(frame_gt)} frames, expected {expected} "
-                        f"({SNIPPET_FRAMES} per snippet of the {len(test_rows)} videos of {test_csv.name}, "
+        raise DataError(f"{layout.lists_dir / names['frame_gt']}: {len(frame_gt)} frames, expected {expected} "
+                        f"({SNIPPET_FRAMES} per snippet of the {len(test_bank)} videos of {test_csv.name}, "
                         f"in list order)")
-    if len(segments) != len(test_rows):
-        raise DataError(f"{lists_dir / names['segments']}: {len(segments)} videos, expected {len(test_rows)} "
+    if len(segments) != len(test_bank):
+        raise DataError(f"{layout.lists_dir / names['segments']}: {len(segments)} videos, expected {len(test_bank)} "
                         f"(one entry per row of {test_csv.name}, in list order)")
-    test = EvalSet(names=[r.video for r in test_rows], features=test_bank,
-                   labels=np.stack([multi_hot(r.classes, num_classes) for r in test_rows]),
+    test = EvalSet(names=layout.test_names, features=test_bank, labels=layout.test_labels,
                    frame_gt=frame_gt, segments=segments, segment_labels=segment_labels)
     return VadDataset(style=style, class_prompts=list(CLASS_PROMPTS[style]), class_codes=list(CLASS_CODES[style]),
-                      train=train, train_labels=train_labels, train_video=train_video, val=val, test=test,
-                      feature_dim=dim, train_names=train_names)
+                      train=banks["train"], train_labels=layout.train_labels, train_video=layout.train_video,
+                      val=val, test=test, feature_dim=dim, train_names=layout.train_names)
