@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,8 +92,10 @@ def _study(dataset: str, lists: Path, features: Path, project: Path) -> dict:
         time.sleep(0.5)
     out = proc.stdout.read() if proc.stdout else ""
     logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    # Ray logs "Spilled N MiB, M objects" when it spills; its state dumps report "num bytes currently spilled"
     spilled = [line for f in logs.glob("raylet*.out") for line in f.read_text(errors="replace").splitlines()
-               if "Spilled" in line or "spilled" in line]
+               if re.search(r"Spilled \d+ MiB", line)
+               or (m := re.search(r"num bytes currently spilled: (\d+)", line)) and int(m.group(1)) > 0]
     return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "peak_pss_gib": peak / 2**20,
             "processes_at_peak": peak_procs, "spill_lines": spilled[:5], "tail": out.strip().splitlines()[-3:]}
 
