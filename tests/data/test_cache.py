@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import TINY
-from vadclip.config import preset
+from vadclip.config import apply_overrides, preset
 from vadclip.data import CacheError, DiskFeatureBank, FeatureBank, MappedFeatureBank, cache_location, load_dataset
 from vadclip.data import cache as cache_module
 from vadclip.data.synthetic import ensure_synthetic
@@ -185,6 +185,11 @@ def test_pickles_by_reference_and_rebuilds_where_missing(tmp_path, small_config)
     blob = pickle.dumps(data)
     banks = _banks(data).values()
     assert len(pickle.dumps(list(banks))) < sum(b.data.nbytes for b in banks) / 10  # names, not feature values
+    from ray import cloudpickle  # what tune.with_parameters puts into Ray's object store
+
+    uncached = load_dataset(apply_overrides(cfg, {"data.feature_cache": False}))
+    features = sum(b.data.nbytes for b in banks)
+    assert len(cloudpickle.dumps(data)) + 0.9 * features < len(cloudpickle.dumps(uncached))  # the arrays stay out
     again = pickle.loads(blob)
     np.testing.assert_array_equal(again.train.data, data.train.data)
     assert not again.train.data.flags.writeable
