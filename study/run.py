@@ -123,7 +123,7 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
     return Plan(resolved, seeds, trials, spec.resolve_metric(base.style))
 
 
-def print_plan(spec: specs.StudySpec, p: Plan) -> None:
+def print_plan(spec: specs.StudySpec, p: Plan, opts: RunOptions | None = None) -> None:
     print(f"study {spec.name} ({spec.kind}): {spec.description}")
     print(f"dataset {p.dataset}, metric {p.metric}, selection on {p.base.eval.selection}, "
           f"resources per trial {spec.resources}, epochs {p.base.optim.epochs}")
@@ -137,6 +137,11 @@ def print_plan(spec: specs.StudySpec, p: Plan) -> None:
               f"scheduler {spec.scheduler}, from:")
         for key, domain in spec.space.items():
             print(f"    {key}: {domain.describe()}")
+        top = opts.confirm_top if opts and opts.confirm_top is not None else spec.confirm["top"]
+        n = (opts.confirm_seeds if opts else None) or spec.confirm["seeds"]
+        if top:
+            print(f"  then a confirmation stage: the top {top} configurations by validation {p.metric} and the base "
+                  f"on {n} fresh seeds ({p.seeds[0] + 1}..{p.seeds[0] + n}): up to {(top + 1) * n} more trials")
     print(f"{len(p.trials)} trials")
 
 
@@ -215,7 +220,7 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     opts.project = opts.project.resolve()
     p = plan(spec, opts)
     if opts.dry_run:
-        print_plan(spec, p)
+        print_plan(spec, p, opts)
         return {"dry_run": True, "trials": p.trials}
     state_file = _state_path(opts, spec.name)
     previous: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
