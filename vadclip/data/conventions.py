@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Sequence
 
 # Class codes as the authors' list labels write them, index 0 = normal: UCF-Crime class folder names,
 # XD-Violence the keys of the authors' label_map (a list label joins up to 3 of them, `B2-G-B6`).
@@ -77,3 +78,16 @@ def crop_index(file_name: str, video: str) -> int | None:
 def crop_glob(video: str) -> str:
     """Glob pattern of every crop file of `video`: `<video>__*.npy`, the video name escaped."""
     return f"{glob.escape(video)}{CROP_SEPARATOR}*{FEATURE_SUFFIX}"
+
+
+def list_label(style: str, classes: Sequence[int]) -> str:
+    """The list CSV's label of a video from the class index of each of its anomaly segments (in time order):
+    UCF the class name; XD the distinct codes in first-appearance order padded to three (`B2-G-0`); a normal
+    video (no segments, or class 0) the normal code (`Normal`, `A`: not padded)."""
+    codes = CLASS_CODES[style]
+    if style == "ucf" or not classes:
+        return codes[classes[0] if classes else 0]
+    unique = list(dict.fromkeys(codes[c] for c in classes))
+    if unique == [codes[0]]:
+        return codes[0]
+    return "-".join(unique + [XD_PAD] * (XD_LABEL_CODES - len(unique)))

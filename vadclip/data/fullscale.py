@@ -49,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -60,9 +60,9 @@ from vadclip.data.conventions import (
     DEFAULT_TEST_CROP,
     SNIPPET_FRAMES,
     XD_LABEL_CODES,
-    XD_PAD,
     crop_file_name,
     list_files,
+    list_label,
 )
 from vadclip.data.layout import Annotation, write_ground_truth
 from vadclip.data.synthetic import (
@@ -70,10 +70,10 @@ from vadclip.data.synthetic import (
     FEATURES_DIR,
     LISTS_DIR,
     UCF_FEATURES,
-    UCF_TEST_NORMAL,
-    UCF_TRAIN_NORMAL,
     XD_TEST,
     XD_TRAIN,
+    VideoPlan,
+    ucf_video_rel,
 )
 
 Scale = Literal["ucf-full", "xd-full"]
@@ -158,15 +158,6 @@ class FullScaleLayout:
         return self.test_normal + self.test_abnormal
 
 
-@dataclass
-class _Video:
-    rel: str  # path under the features folder without `__<crop>.npy`
-    csv_prefix: str  # the authors' folder the list pretends the file is in
-    label: str  # list label
-    length: int
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, class) in snippets
-
-
 def _check_scale(scale: str) -> ScaleSpec:
     if scale not in SPECS:
         raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}")
@@ -225,14 +216,6 @@ def _segment_classes(rng: np.random.Generator, style: str, primary: int, num_ano
     return [primary] * int(rng.integers(_SEGMENTS[0], _SEGMENTS[1] + 1))
 
 
-def _label(style: str, classes: Sequence[int]) -> str:
-    codes = CLASS_CODES[style]
-    if style == "ucf" or not classes:
-        return codes[classes[0] if classes else 0]
-    unique = list(dict.fromkeys(codes[c] for c in classes))  # first-appearance order, like `B2-G-B6`
-    return "-".join(unique + [XD_PAD] * (XD_LABEL_CODES - len(unique)))
-
-
 def _hms(seconds: int) -> str:
     return f"{seconds // 3600:02d}-{seconds // 60 % 60:02d}-{seconds % 60:02d}"
 
@@ -256,14 +239,14 @@ class _XdNamer:
 
 
 def _plan(spec: ScaleSpec, scale: str, counts: dict[str, int],
-          rng: np.random.Generator) -> tuple[list[_Video], list[_Video]]:
+          rng: np.random.Generator) -> tuple[list[VideoPlan], list[VideoPlan]]:
     """Names, labels, lengths and anomaly segments of every train and test video (list order)."""
     style, codes = spec.style, CLASS_CODES[spec.style]
     num_anomaly = len(codes) - 1
     xd_name = _XdNamer()
     ucf_next = dict.fromkeys(codes[1:], 0)  # per-class numbering, test continues after train
 
-    def make(split: str, abnormal: bool) -> list[_Video]:
+    def make(split: str, abnormal: bool) -> list[VideoPlan]:
         n = counts[f"{split}_{'abnormal' if abnormal else 'normal'}"]
         lengths = sample_lengths(scale, n, rng)
         weights = spec.train_class_weights if split == "train" else spec.test_class_weights
@@ -276,20 +259,16 @@ def _plan(spec: ScaleSpec, scale: str, counts: dict[str, int],
             t = int(lengths[i])
             classes = (_segment_classes(rng, style, int(primaries[i]), num_anomaly, code_weights)
                        if abnormal else [])
-            label = _label(style, classes)
+            label = list_label(style, classes)
             if style == "ucf":
                 prefix = f"{AUTHORS_ROOT}/{UCF_FEATURES}/"
                 if abnormal:
                     ucf_next[label] += 1
-                    rel = f"{label}/{label}{ucf_next[label]:03d}_x264"
-                elif split == "train":
-                    rel = f"{UCF_TRAIN_NORMAL}/Normal_Videos{i + 1:03d}_x264"
-                else:
-                    rel = f"{UCF_TEST_NORMAL}/Normal_Videos_{i + 1:03d}_x264"
+                rel = ucf_video_rel(label, ucf_next[label] if abnormal else i + 1, split)
             else:
                 prefix = f"{AUTHORS_ROOT}/"
                 rel = f"{XD_TRAIN if split == 'train' else XD_TEST}/{xd_name(t, label)}"
-            out.append(_Video(rel, prefix, label, t, _place_segments(rng, t, classes) if classes else []))
+            out.append(VideoPlan(rel, prefix, label, t, _place_segments(rng, t, classes) if classes else []))
         return out
 
     train = make("train", True) + make("train", False)  # the authors' order: abnormal first
@@ -306,7 +285,7 @@ def _directions(rng: np.random.Generator, k: int, dim: int) -> np.ndarray:
     return (dirs / np.linalg.norm(dirs, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _features(video: _Video, crops: int, mean: np.ndarray, dirs: np.ndarray,
+def _features(video: VideoPlan, crops: int, mean: np.ndarray, dirs: np.ndarray,
               seed: np.random.SeedSequence) -> np.ndarray:
     """(crops, T, dim) float32 of one video from its own seed; one draw for all crops."""
     rng = np.random.default_rng(seed)
@@ -323,7 +302,7 @@ def _features(video: _Video, crops: int, mean: np.ndarray, dirs: np.ndarray,
     return own
 
 
-def _write_video(video: _Video, features_dir: Path, crop_ids: Sequence[int], mean: np.ndarray, dirs: np.ndarray,
+def _write_video(video: VideoPlan, features_dir: Path, crop_ids: Sequence[int], mean: np.ndarray, dirs: np.ndarray,
                  seed: np.random.SeedSequence) -> int:
     x = _features(video, len(crop_ids), mean, dirs, seed)
     written = 0
@@ -334,7 +313,7 @@ def _write_video(video: _Video, features_dir: Path, crop_ids: Sequence[int], mea
     return written
 
 
-def _estimate_bytes(videos: Sequence[_Video], crops: int, dim: int) -> int:
+def _estimate_bytes(videos: Sequence[VideoPlan], crops: int, dim: int) -> int:
     return sum(v.length for v in videos) * crops * dim * 4 + len(videos) * crops * 128
 
 

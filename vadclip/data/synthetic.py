@@ -33,10 +33,9 @@ from vadclip.data.conventions import (
     CLASS_CODES,
     DEFAULT_TEST_CROP,
     SNIPPET_FRAMES,
-    XD_LABEL_CODES,
-    XD_PAD,
     crop_file_name,
     list_files,
+    list_label,
 )
 from vadclip.data.layout import Annotation, write_ground_truth
 
@@ -57,13 +56,26 @@ _LONG = 256  # default visual_length: make sure some videos exceed it
 
 
 @dataclass
-class _Video:
+class VideoPlan:
+    """One video to write: its file path, list row, length and anomaly segments (both writers use it)."""
+
     rel: str  # path under the features folder without `__<crop>.npy`
     csv_prefix: str  # the authors' folder the list pretends the file is in
     label: str  # CSV label
     length: int
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, class) snippets
     spikes: list[tuple[int, int]] = field(default_factory=list)  # (position, class)
+
+
+def ucf_video_rel(label: str, number: int, split: str) -> str:
+    """The authors' path of a UCF video under the features folder, without `__<crop>.npy`: abnormal videos by
+    class (`Abuse/Abuse001_x264`), normal ones by split (`Training_Normal_Videos_Anomaly/Normal_Videos001_x264`,
+    `Testing_Normal_Videos_Anomaly/Normal_Videos_001_x264`); `number` counts from 1."""
+    if label != CLASS_CODES["ucf"][0]:
+        return f"{label}/{label}{number:03d}_x264"
+    if split == "train":
+        return f"{UCF_TRAIN_NORMAL}/Normal_Videos{number:03d}_x264"
+    return f"{UCF_TEST_NORMAL}/Normal_Videos_{number:03d}_x264"
 
 
 def synthetic_crops(style: str, crops: int) -> list[int]:
@@ -98,7 +110,7 @@ def _place_segments(rng: np.random.Generator, length: int, classes: list[int]) -
     return out
 
 
-def _spikes(rng: np.random.Generator, video: _Video, count: int, num_anomaly: int) -> list[tuple[int, int]]:
+def _spikes(rng: np.random.Generator, video: VideoPlan, count: int, num_anomaly: int) -> list[tuple[int, int]]:
     busy = np.zeros(video.length, dtype=bool)
     for s, e, _ in video.segments:
         busy[max(0, s - 1):e + 1] = True  # keep spikes isolated from segments
@@ -123,22 +135,13 @@ def _abnormal_classes(rng: np.random.Generator, style: str, length: int, primary
     return [primary] * min(room, int(rng.integers(1, 4)))
 
 
-def _label(style: str, classes: list[int]) -> str:
-    codes = CLASS_CODES[style]
-    if style == "ucf":
-        return codes[classes[0]]
-    unique = list(dict.fromkeys(codes[c] for c in classes))  # first-appearance order, like `B2-G-B6`
-    normal = codes[0]  # `A`, not padded
-    return "-".join(unique + [XD_PAD] * (XD_LABEL_CODES - len(unique))) if unique != [normal] else normal
-
-
-def _videos(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list[_Video], list[_Video]]:
+def _videos(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list[VideoPlan], list[VideoPlan]]:
     style, codes = cfg.style, CLASS_CODES[cfg.style]
     num_anomaly = len(codes) - 1
     per_class = dict.fromkeys(codes[1:], 0)
     film = 0
 
-    def make(n: int, abnormal: bool, split: str) -> list[_Video]:
+    def make(n: int, abnormal: bool, split: str) -> list[VideoPlan]:
         nonlocal film
         lengths = _lengths(rng, n, cfg, exact_long=(split == "test" and not abnormal))
         primaries = rng.permutation(np.resize(np.arange(1, num_anomaly + 1), n))  # every class appears
@@ -146,22 +149,18 @@ def _videos(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list[_Video
         for i in range(n):
             t = int(lengths[i])
             classes = (_abnormal_classes(rng, style, t, int(primaries[i]), num_anomaly) if abnormal else [0])
-            label = _label(style, classes)
+            label = list_label(style, classes)
             if style == "ucf":
                 prefix = f"{AUTHORS_ROOT}/{UCF_FEATURES}/"
                 if abnormal:
                     per_class[label] += 1
-                    rel = f"{label}/{label}{per_class[label]:03d}_x264"
-                elif split == "train":
-                    rel = f"{UCF_TRAIN_NORMAL}/Normal_Videos{i + 1:03d}_x264"
-                else:
-                    rel = f"{UCF_TEST_NORMAL}/Normal_Videos_{i + 1:03d}_x264"
+                rel = ucf_video_rel(label, per_class[label] if abnormal else i + 1, split)
             else:
                 film += 1
                 prefix = f"{AUTHORS_ROOT}/"
                 folder = XD_TRAIN if split == "train" else XD_TEST
                 rel = f"{folder}/Synthetic.Film.{film:04d}__#00-00-{film % 60:02d}_00-01-{film % 60:02d}_label_{label}"
-            video = _Video(rel, prefix, label, t)
+            video = VideoPlan(rel, prefix, label, t)
             if abnormal:
                 video.segments = _place_segments(rng, t, classes)
             video.spikes = _spikes(rng, video, 0 if abnormal else int(rng.integers(0, 3)),
@@ -184,7 +183,7 @@ def _directions(rng: np.random.Generator, k: int, dim: int) -> tuple[np.ndarray,
     return dirs / np.linalg.norm(dirs, axis=1, keepdims=True), None
 
 
-def _features(rng: np.random.Generator, video: _Video, cfg: SyntheticConfig, mean: np.ndarray,
+def _features(rng: np.random.Generator, video: VideoPlan, cfg: SyntheticConfig, mean: np.ndarray,
               dirs: np.ndarray, basis: np.ndarray | None, crops: int) -> list[np.ndarray]:
     t, dim = video.length, len(mean)
 
