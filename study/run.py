@@ -24,17 +24,22 @@ from study.tracking import (
     default_tracking_uri,
     ensure_experiment,
     log_artifacts,
+    log_parent_summary,
+    mark_interrupted_children,
+    record_failed_trials,
     reopen,
     set_status,
     start_parent,
+    tune_failures,
     ui_url,
+    unfinished_trials,
 )
+from study.tracking import children as child_runs
 from vadclip.cli import Override, add_config_flags, flag_overrides, infer_dataset, nonnegative_int, positive_int
 from vadclip.config import VadClipConfig, flatten
 from vadclip.errors import VadClipError
 from vadclip.metrics import mlflow_key
 
-CONFIRM_BASE = "base"  # the confirmation stage's reference row: the search's base configuration
 STATE_DIR = ".study_state"  # per-project pointers to the latest resumable invocation of each study
 EXIT_FAILED_TRIALS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -284,7 +289,6 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
     """Tune's part: the stages' trials, then the failure accounting, the report and the parent's summary."""
     from study.report import build_report
     from study.reuse import code_digest, data_fingerprint
-    from study.tracking import log_parent_summary
 
     uri, parent_id = inv.uri, inv.parent_id
     fingerprints = {"data_fingerprint": data_fingerprint(p.base), "code_digest": code_digest()}
@@ -317,7 +321,6 @@ def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv
     """`--seeds auto`: add one seed to every row at a time (each round its own Tune experiment, so --resume
     continues round by round) until the full row's 95 % t-interval half-width on the study metric is at most the
     target, or the cap is reached; the parent's tag `seeds.auto` says which."""
-    from study.tracking import client, close_unfinished_children
 
     target = opts.ci_target if opts.ci_target is not None else spec.seeds_auto["target"]
     cap = opts.seeds_cap or spec.seeds_auto["cap"]
@@ -346,7 +349,6 @@ def reference_half_width(spec: specs.StudySpec, p: Plan, inv: Invocation, n: int
     over its FINISHED trials of the first `n` seeds (a resumed invocation replays the rounds as they were decided);
     NaN with fewer than 2."""
     from study.report.stats import t_interval
-    from study.tracking import children as child_runs
     from vadclip.metrics import percent_scale
 
     key = f"final/{mlflow_key(p.metric)}"
@@ -369,7 +371,6 @@ def optuna_storage(inv: Invocation, opts: RunOptions) -> Any:
     recorded on the parent run (tags optuna.storage, optuna.study) for the report and the dashboard."""
     import optuna
 
-    from study.tracking import client
 
     if not opts.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
@@ -383,9 +384,6 @@ def confirm_rows(spec: specs.StudySpec, p: Plan, inv: Invocation, top: int) -> d
     """The confirmation stage's rows: the base configuration and the `top` distinct configurations of the search
     trials by the validation metric the search optimised (test metric under selection=test), ties by trial id;
     read from MLflow, so a resumed invocation picks the same ones."""
-    from study.report.context import FINAL
-    from study.tracking import children as child_runs
-
     selection = p.base.eval.selection
     key = f"final/val/{p.metric}" if selection == "val" else f"final/{p.metric}"
     trials = [r for r in child_runs(inv.uri, inv.experiment_id, inv.parent_id)
@@ -393,9 +391,8 @@ def confirm_rows(spec: specs.StudySpec, p: Plan, inv: Invocation, top: int) -> d
               and key in r.data.metrics]
     trials.sort(key=lambda r: (-r.data.metrics[key], r.data.tags.get("trial_id", "")))
     if not trials:
-        raise StudyError(f"study {spec.name}: no FINISHED search trial logged {FINAL[len('metrics.'):]}"
-                         f"{key[len('final/'):]}; nothing to confirm")
-    rows, seen = {CONFIRM_BASE: p.base}, []
+        raise StudyError(f"study {spec.name}: no FINISHED search trial logged {key}; nothing to confirm")
+    rows, seen = {specs.CONFIRM_BASE: p.base}, []
     for run in trials:  # distinct configurations: a searcher may sample one twice
         values = {k: run.data.params[k] for k in spec.space if k in run.data.params}
         if values in seen:
@@ -418,7 +415,6 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
     from ray.tune.search.optuna import OptunaSearch
 
     from study.progress import StudyProgress
-    from study.tracking import mark_interrupted_children, record_failed_trials, tune_failures, unfinished_trials
     from study.trainable import TrialContext, train_trial
 
     uri, experiment_id, parent_id = inv.uri, inv.experiment_id, inv.parent_id

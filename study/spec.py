@@ -36,6 +36,7 @@ CONFIRM_KEYS = {"top": int, "seeds": int}
 SEEDS_AUTO_KEYS = {"target": (int, float), "cap": int}
 SEEDS_AUTO_DEFAULT = {"target": 1.0, "cap": 10}  # --seeds auto: CI half-width (points) and most seeds per row
 CONFIRM_DEFAULT = {"top": 3, "seeds": 3}  # a search's confirmation stage: top-k configs × fresh seeds, with the base
+CONFIRM_BASE = "base"  # that stage's reference row (the search's base configuration), for the run and the report
 
 
 class SpecError(VadClipError, ValueError):

@@ -202,11 +202,10 @@ def protocol_columns(table: pd.DataFrame, finished: pd.DataFrame, protocols: pd.
                      metric: str) -> None:
     """The study metric under each selection protocol (mean over seeds) and the optimism of best-on-test:
     best-on-test − best-on-val over the seeds, mean and t-interval."""
-    derived = run_values(finished, [metric], "val", protocols)
-    for protocol in PROTOCOLS:
-        derived[protocol] = derived["run_id"].map(protocols.get(f"{protocol}/{metric}", pd.Series(dtype=float)))
-        table[f"{metric}_{protocol}"] = derived.groupby("tags.variant")[protocol].mean().reindex(order)
-    gaps = [optimism(per_seed(derived, v, "test"), per_seed(derived, v, "val")) for v in order]
+    by = {protocol: run_values(finished, [metric], protocol, protocols) for protocol in PROTOCOLS}
+    for protocol, values in by.items():
+        table[f"{metric}_{protocol}"] = values.groupby("tags.variant")[metric].mean().reindex(order)
+    gaps = [optimism(per_seed(by["test"], v, metric), per_seed(by["val"], v, metric)) for v in order]
     table[f"{metric}_optimism"], table[f"{metric}_optimism_low"], table[f"{metric}_optimism_high"], _ = zip(*gaps)
 
 

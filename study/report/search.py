@@ -19,12 +19,11 @@ from study.report.notes import planned, protocol_notes, provenance
 from study.report.protocols import SELECTION, read_protocols
 from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
 from study.space import Domain
-from study.spec import Variant
+from study.spec import CONFIRM_BASE, Variant
 from vadclip.metrics import CORE_METRICS as CORE
 from vadclip.metrics import label, percent_scale
 
 TOP_K = 5
-CONFIRM_BASE = "base"  # the confirmation stage's reference row (study.run writes it)
 
 
 def search_report(ctx: Context) -> Document:
