@@ -447,7 +447,8 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
         if stage.name != "search":  # a grid of rows × seeds: an ablation, or a search's confirmation
             param_space = {"variant": tune.grid_search(list(stage.rows)), "seed": tune.grid_search(stage.seeds)}
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,
-                                          trial_dirname_creator=trial_id, trial_name_creator=trial_id)
+                                          trial_dirname_creator=trial_id, trial_name_creator=trial_id,
+                                          reuse_actors=True)
         else:
             param_space = {"seed": stage.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
             searcher: Searcher = OptunaSearch(metric=metric, mode="max", seed=stage.seeds[0],
@@ -461,7 +462,8 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
                               reduction_factor=spec.scheduler.get("reduction_factor", 2))
                 if spec.scheduler["type"] == "asha" else FIFOScheduler())
             tune_config = tune.TuneConfig(num_samples=stage.total, search_alg=searcher, scheduler=scheduler,
-                                          trial_dirname_creator=trial_id, trial_name_creator=trial_id)
+                                          trial_dirname_creator=trial_id, trial_name_creator=trial_id,
+                                          reuse_actors=True)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     # from here on this invocation is the one --resume continues
     inv.state_file.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ class TrialContext:
     fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests: variant -> epoch that raises (0: at once)
 
 
+FIT_SECONDS = "time/fit_seconds"  # logged as final/time/fit_seconds: the trial's training and evaluation time
+
+
 class InjectedFailure(RuntimeError):
     """Raised on purpose by tests of retries and failure accounting."""
 
@@ -130,7 +133,8 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
         result = fit(cfg, data, out_dir=out_dir, callbacks=[on_epoch], resume=resume, progress=False)
         # test metrics of the selected checkpoint, and its validation metrics (what a search ranks by)
         run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"],
-                       **{f"val/{k}": v for k, v in result.metrics["val"].items()}},
+                       **{f"val/{k}": v for k, v in result.metrics["val"].items()},
+                       FIT_SECONDS: result.seconds},
                       step=int(result.history[-1]["step"]) if result.history else 0)
         log_results(run, result, data, cfg, out_dir)
         run.end("FINISHED")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vadclip import bootstrap
 from vadclip.bootstrap import (
     BOOTSTRAP_METRICS,
     TestScores,
@@ -166,6 +167,22 @@ def test_replicates_are_frame_metrics_of_some_resample() -> None:
         videos = [int(i) for i in np.repeat(np.arange(12), counts[b])]
         _assert_metrics_equal({m: float(reps[m][b]) for m in BOOTSTRAP_METRICS}, _frame_metrics(ts, videos))
     assert (counts.sum(axis=1) == 12).all() and (counts != 1).any()
+
+
+def test_blocked_replicates_equal_weighted_metrics_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vectorised replicates, over several blocks and with undefined (one-class) resamples, equal the
+    per-replicate sklearn path (`weighted_metrics`)."""
+    ts = _test_set(n_videos=4, seed=2)  # 4 videos: some resamples hold no abnormal (or no normal) video
+    monkeypatch.setattr(bootstrap, "BLOCK_ELEMENTS", 7 * len(collapse(ts).score))  # blocks of 7 replicates
+    cells = collapse(ts)
+    counts = np.random.default_rng(9).multinomial(4, np.full(4, 1 / 4), size=300)
+    reps = video_bootstrap(ts, n_resamples=300, seed=9)
+    expected = [weighted_metrics(cells, c) for c in counts]
+    nans = 0
+    for b, e in enumerate(expected):
+        _assert_metrics_equal({m: float(reps[m][b]) for m in BOOTSTRAP_METRICS}, e)
+        nans += math.isnan(e["ano_auc"])
+    assert nans > 0
 
 
 def test_percentile_interval_contains_the_point_estimate() -> None:

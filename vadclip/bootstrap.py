@@ -27,6 +27,7 @@ TEST_SCORES_FILE = "test_scores.npz"
 BOOTSTRAP_FILE = "bootstrap.npz"
 BOOTSTRAP_METRICS = ("auc", "ap", "ano_auc")
 N_RESAMPLES = 1000
+BLOCK_ELEMENTS = 2**22  # replicates × cells per block of video_bootstrap: ~32 MiB per float64 array
 
 _SCORE_KEYS = ("scores", "snippet_counts", "frame_gt_bits", "frame_gt_length", "is_abnormal", "snippet_frames")
 _SEED_KEY = "seed"  # reserved key of the bootstrap file next to the metric arrays
@@ -222,10 +223,36 @@ def point_estimates(scores: TestScores) -> dict[str, float]:
     return weighted_metrics(cells, np.ones(cells.n_videos, dtype=np.int64))
 
 
+def _curve_metrics(positive: np.ndarray, score: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and step-wise AP of many weightings at once: `weight` (B, n) over cells in ascending score order.
+
+    sklearn's curves, vectorised over the B rows: cumulative true/false positives (weight 0 adds exactly 0) read
+    at the end of each run of tied scores, in descending score order; NaN where a row's cells hold one class.
+    """
+    desc = slice(None, None, -1)  # sklearn's order: the reverse of a stable ascending sort
+    score, w = score[desc], weight[:, desc]
+    hit = positive[desc].astype(np.float64)
+    ends = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]  # the last cell of each distinct score
+    tps = np.cumsum(w * hit, axis=1)[:, ends]
+    fps = np.cumsum(w * (1.0 - hit), axis=1)[:, ends]
+    p, n = tps[:, -1:], fps[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.hstack([np.zeros_like(p), tps / p])
+        fpr = np.hstack([np.zeros_like(n), fps / n])
+        auc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2, axis=1)
+        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
+        ap = np.sum(np.diff(tpr, axis=1) * precision, axis=1)  # Σ (R_k − R_k−1) P_k
+    undefined = (p[:, 0] <= 0) | (n[:, 0] <= 0)
+    auc[undefined], ap[undefined] = np.nan, np.nan
+    return auc, np.maximum(ap, 0.0)
+
+
 def video_bootstrap(scores: TestScores, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, np.ndarray]:
     """Per metric, `n_resamples` replicate values on resamples of the test videos drawn with replacement.
 
     A replicate where a metric is undefined (its frames hold one class) is NaN. Deterministic under `seed`.
+    The replicates are computed in blocks (`_curve_metrics`); they equal `weighted_metrics` per replicate to float
+    rounding (tested), at a tenth of its time.
     """
     cells = collapse(scores)
     out = {m: np.full(n_resamples, np.nan) for m in BOOTSTRAP_METRICS}
@@ -234,9 +261,12 @@ def video_bootstrap(scores: TestScores, n_resamples: int = N_RESAMPLES, seed: in
     rng = np.random.default_rng(seed)
     # the multiplicities of n draws with replacement from n videos are Multinomial(n, uniform)
     multiplicities = rng.multinomial(cells.n_videos, np.full(cells.n_videos, 1 / cells.n_videos), size=n_resamples)
-    for b, counts in enumerate(multiplicities):
-        for m, v in weighted_metrics(cells, counts).items():
-            out[m][b] = v
+    ano = cells.abnormal
+    block = max(1, BLOCK_ELEMENTS // max(len(cells.score), 1))
+    for lo in range(0, n_resamples, block):
+        weight = cells.frames * multiplicities[lo:lo + block][:, cells.video]
+        out["auc"][lo:lo + block], out["ap"][lo:lo + block] = _curve_metrics(cells.positive, cells.score, weight)
+        out["ano_auc"][lo:lo + block], _ = _curve_metrics(cells.positive[ano], cells.score[ano], weight[:, ano])
     return out
 
 

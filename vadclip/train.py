@@ -29,7 +29,8 @@ from vadclip.evaluate import Evaluation, Predictions, evaluate
 from vadclip.io import atomic_write, atomic_write_text
 from vadclip.losses import total_loss
 from vadclip.metrics import FRACTIONS, MAP_LEVELS
-from vadclip.model import VadCLIP, build_model, create_clip, tokenizer
+from vadclip.model import VadCLIP, build_model, tokenizer
+from vadclip.model.clip import frozen_text_tower
 
 CHECKPOINT_LAST, CHECKPOINT_BEST = "last.pt", "best.pt"
 
@@ -51,6 +52,7 @@ class FitResult:
     test_predictions: Predictions | None = None
     model: VadCLIP | None = field(default=None, repr=False)
     evaluations: list[dict[str, float]] = field(default_factory=list)  # step-wise, each with epoch and step
+    seconds: float = 0.0  # training and evaluation, i.e. without building the model and without the callbacks
 
 
 Callback = Callable[[EpochRecord], None]
@@ -111,9 +113,7 @@ def load_weights(model: VadCLIP, state: dict[str, torch.Tensor]) -> None:
 def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device,
                straightforward: bool = False) -> VadCLIP:
     """`straightforward`: the exact speed-ups off (see `VadCLIP`), for the bench and the equality tests."""
-    clip = create_clip(cfg.clip.model, cfg.clip.weights, embed_dim=cfg.model.embed_dim)
-    if hasattr(clip, "visual"):
-        del clip.visual  # training needs only the text tower
+    clip = frozen_text_tower(cfg.clip.model, cfg.clip.weights, embed_dim=cfg.model.embed_dim)
     torch.manual_seed(cfg.seed)  # same initial weights for the same seed, whatever CLIP did
     return build_model(cfg.model, data.class_prompts, clip, tokenizer(), straightforward).to(device)
 
@@ -275,6 +275,7 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
     atomic_write_text(json.dumps(flatten(cfg), indent=1, default=list), out_dir / "config.json")
     if resume is None:
         trainer.best.save(0)  # untrained weights until a first evaluation beats them
+    started, in_callbacks = time.perf_counter(), 0.0
     for epoch in range(start_epoch, cfg.optim.epochs):
         first_step = int(history[-1].get("step", 0)) if history else 0
         record, improved, stepwise = trainer.train_epoch(epoch, first_step, progress)
@@ -286,11 +287,14 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
         history.append(record)
         evaluations += stepwise
         trainer.save_last(epoch + 1, history, evaluations, out_dir / CHECKPOINT_LAST)
+        called = time.perf_counter()
         for callback in callbacks:
             callback(EpochRecord(epoch + 1, record, improved, out_dir, stepwise))
+        in_callbacks += time.perf_counter() - called
     result, preds = trainer.final_metrics()
     atomic_write_text(json.dumps(result, indent=1, allow_nan=True), out_dir / "metrics.json")
-    return FitResult(result, history, out_dir, preds, trainer.model, evaluations)
+    seconds = time.perf_counter() - started - in_callbacks
+    return FitResult(result, history, out_dir, preds, trainer.model, evaluations, seconds)
 
 
 # ---------------------------------------------------------------- CLI

@@ -85,3 +85,34 @@ def test_openai_detection_heuristic(tmp_path):
     (tmp_path / "openai_runs").mkdir()  # other folder names do not count (this test's tmp_path has one too)
     (tmp_path / "openai_runs" / "laion.bin").write_bytes(b"x")
     assert not looks_like_openai_weights(tmp_path / "openai_runs" / "laion.bin")
+
+
+def test_cached_text_tower_equals_a_fresh_build_and_leaves_the_rng_alike(tmp_path):
+    """frozen_text_tower (built once per process, then copied) gives what create_clip gives, random or loaded."""
+    from vadclip.model.clip import _TEXT_TOWERS, frozen_text_tower
+
+    _TEXT_TOWERS.clear()
+
+    def build(cached: bool, seed: int):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tower = frozen_text_tower("vadclip-tiny", None, 32) if cached else create_clip("vadclip-tiny", None, 32)
+        return tower.state_dict(), torch.random.get_rng_state()
+
+    fresh, rng = build(False, 3)
+    for _ in range(2):  # the first call builds, the second copies the cached one
+        state, after = build(True, 3)
+        assert torch.equal(after, rng)
+        assert {k for k in state} == {k for k in fresh if not k.startswith("visual.")}
+        assert all(torch.equal(state[k], fresh[k]) for k in state)
+    other, _ = build(True, 4)  # another RNG state, other random weights
+    assert not torch.equal(other["text_projection"], state["text_projection"])
+    copy_a, copy_b = (frozen_text_tower("vadclip-tiny", None, 32) for _ in range(2))
+    assert copy_a.text_projection.data_ptr() != copy_b.text_projection.data_ptr()  # never shared between trials
+    weights = tmp_path / "tiny.pt"
+    torch.save(_random("vadclip-tiny").state_dict(), weights)
+    loaded = create_clip("vadclip-tiny", str(weights)).state_dict()
+    for _ in range(2):
+        state = frozen_text_tower("vadclip-tiny", str(weights)).state_dict()
+        assert all(torch.equal(state[k], loaded[k]) for k in state)

@@ -86,6 +86,11 @@ def test_tiny_study_parent_children_and_report_match_mlflow(tmp_path, ray_local)
     assert "LGT" in md and "84.51" in md and "average_precision_score" in md
     tex = (tmp_path / "reports" / "tiny_ablation.tex").read_text()
     assert tex.count("\\toprule") == 2 and "under each selection protocol" in tex  # the table, the protocols
+    # Tune reuses the worker processes: 4 trials, 2 slots, at most 2 processes importing torch and building CLIP
+    import json
+
+    pids = {json.loads(f.read_text().splitlines()[0])["pid"] for f in Path(out["storage"]).glob("*/result.json")}
+    assert len(pids) <= 2 and (runs["metrics.final/time/fit_seconds"] > 0).all()
 
 
 def test_failing_trial_is_retried_then_counted_and_study_completes(tmp_path, ray_local):

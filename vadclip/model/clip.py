@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import open_clip
@@ -141,3 +144,34 @@ def create_clip(model: str, weights: str | None = None, embed_dim: int | None = 
 def tokenizer() -> open_clip.tokenizer.SimpleTokenizer:
     """CLIP's BPE tokenizer (ships with open_clip, works offline)."""
     return open_clip.tokenizer.SimpleTokenizer()
+
+
+_TEXT_TOWERS: OrderedDict[tuple, tuple[nn.Module, torch.Tensor]] = OrderedDict()
+TEXT_TOWER_CACHE_SIZE = 2  # built towers a process keeps (ViT-B-16's text tower: ~0.25 GB)
+
+
+def frozen_text_tower(model: str, weights: str | None = None, embed_dim: int | None = None) -> nn.Module:
+    """`create_clip` without the image tower, built once per process and then copied (a Tune worker runs trial
+    after trial: it builds CLIP once). Random weights are a function of torch's RNG state, so that state is part
+    of the key, and a copy leaves the RNG where building would have: the same outputs as `create_clip`, always.
+    """
+    if weights is None:
+        source: tuple = ("random", hashlib.sha1(torch.random.get_rng_state().numpy().tobytes()).hexdigest())
+    else:
+        stat = Path(weights).stat() if Path(weights).is_file() else None
+        source = ("file", str(Path(weights).resolve()), stat and (stat.st_mtime_ns, stat.st_size))
+    key = (model, embed_dim, source)
+    if key in _TEXT_TOWERS:
+        _TEXT_TOWERS.move_to_end(key)
+        tower, rng_after = _TEXT_TOWERS[key]
+        torch.random.set_rng_state(rng_after)
+        if weights is None:
+            warn_random_weights(resolve_model_name(model, weights))
+        return copy.deepcopy(tower)
+    tower = create_clip(model, weights, embed_dim=embed_dim)
+    if hasattr(tower, "visual"):
+        del tower.visual  # VadCLIP needs only the text tower
+    _TEXT_TOWERS[key] = (tower, torch.random.get_rng_state())
+    while len(_TEXT_TOWERS) > TEXT_TOWER_CACHE_SIZE:
+        _TEXT_TOWERS.popitem(last=False)
+    return copy.deepcopy(tower)
