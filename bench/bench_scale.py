@@ -2,7 +2,7 @@
 memory (the whole process tree, shared pages counted once) against the cache's size.
 
     python -m vadclip.data.fullscale --scale ucf-full /data/ucf-full          # once: ~17 GB, under a minute
-    python bench/bench_scale.py --layout /data/ucf-full --dataset ucf [--study]
+    python bench/bench_scale.py --layout /data/ucf-full --dataset ucf [--study [--set KEY=VALUE ...]]
 
 Each load runs in a fresh process (as a trial would). The first load is timed after the layout's cache folder
 was removed; "later" loads map it. `--study` then runs `python -m study.run ablation_lgt` on the layout with one
@@ -75,20 +75,27 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def _study(dataset: str, lists: Path, features: Path, project: Path) -> dict:
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:60].strip()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return "?"
+
+
+def _study(dataset: str, lists: Path, features: Path, project: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "study.run", "ablation_lgt", "--dataset", dataset, "--lists", str(lists),
-           "--features", str(features), "--seeds", "1", "--set", "optim.max_steps_per_epoch=2", "--max-epochs", "1",
-           "--num-cpus", "2"]
+           "--features", str(features), "--seeds", "1", "--set", "optim.max_steps_per_epoch=2", *overrides,
+           "--max-epochs", "1", "--num-cpus", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    peak, peak_procs = 0, 0
+    peak, peak_procs, at_peak = 0, 0, []
     while proc.poll() is None:
-        pids = _session(proc.pid)
-        total = sum(_pss_kib(p) for p in pids)
-        if total > peak:
-            peak, peak_procs = total, len(pids)
+        pss = {p: _pss_kib(p) for p in _session(proc.pid)}
+        if sum(pss.values()) > peak:
+            peak, peak_procs = sum(pss.values()), len(pss)
+            at_peak = sorted(((kib, _name(p)) for p, kib in pss.items()), reverse=True)[:4]
         time.sleep(0.5)
     out = proc.stdout.read() if proc.stdout else ""
     logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
@@ -97,7 +104,8 @@ def _study(dataset: str, lists: Path, features: Path, project: Path) -> dict:
                if re.search(r"Spilled \d+ MiB", line)
                or (m := re.search(r"num bytes currently spilled: (\d+)", line)) and int(m.group(1)) > 0]
     return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "peak_pss_gib": peak / 2**20,
-            "processes_at_peak": peak_procs, "spill_lines": spilled[:5], "tail": out.strip().splitlines()[-3:]}
+            "processes_at_peak": peak_procs, "largest_at_peak": at_peak, "spill_lines": spilled[:5],
+            "tail": out.strip().splitlines()[-3:]}
 
 
 def main() -> None:
@@ -106,6 +114,8 @@ def main() -> None:
     parser.add_argument("--dataset", choices=("ucf", "xd"), required=True)
     parser.add_argument("--later", type=int, default=3, help="later loads to time")
     parser.add_argument("--study", action="store_true", help="also run the smoke study and measure its memory")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
+                        help="more config overrides of the study, e.g. optim.recompute_activations=true")
     args = parser.parse_args()
     lists, features = args.layout / "list", args.layout / "features"
     files = _bytes(features)
@@ -122,11 +132,13 @@ def main() -> None:
     print(f"later loads: {', '.join(f'{s:.2f}' for s in later)} s (max {max(later):.2f} s)")
     if args.study:
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as project:
-            result = _study(args.dataset, lists, features, Path(project))
+            result = _study(args.dataset, lists, features, Path(project), [x for o in args.set for x in ("--set", o)])
         print(f"study: exit {result['returncode']}, {result['seconds']:.0f} s; peak PSS of the process tree "
               f"{result['peak_pss_gib']:.2f} GiB ({result['processes_at_peak']} processes) = "
               f"{result['peak_pss_gib'] * 2**30 / size:.2f} x the cache; spilling: "
               f"{'none' if not result['spill_lines'] else result['spill_lines']}")
+        print("largest processes at the peak: " + "; ".join(f"{kib / 2**20:.2f} GiB {name}"
+                                                            for kib, name in result["largest_at_peak"]))
         print("\n".join(result["tail"]))
 
 

@@ -114,6 +114,7 @@ class OptimConfig:
     batch_size: int = 96  # mixed: whole batch; balanced: per side (64 normal + 64 abnormal)
     sampler: Literal["balanced", "mixed"] = "mixed"  # UCF balanced, XD mixed
     max_steps_per_epoch: int = 0  # > 0: cap the steps of an epoch (smoke and bench runs at full scale); 0 = no cap
+    recompute_activations: bool = False  # exact: less memory per trial, one more forward (vadclip/model/recompute.py)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from vadclip.losses import total_loss
 from vadclip.metrics import FRACTIONS, MAP_LEVELS
 from vadclip.model import VadCLIP, build_model, tokenizer
 from vadclip.model.clip import frozen_text_tower
+from vadclip.model.recompute import set_recompute
 
 CHECKPOINT_LAST, CHECKPOINT_BEST = "last.pt", "best.pt"
 
@@ -115,7 +116,9 @@ def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device,
     """`straightforward`: the exact speed-ups off (see `VadCLIP`), for the bench and the equality tests."""
     clip = frozen_text_tower(cfg.clip.model, cfg.clip.weights, embed_dim=cfg.model.embed_dim)
     torch.manual_seed(cfg.seed)  # same initial weights for the same seed, whatever CLIP did
-    return build_model(cfg.model, data.class_prompts, clip, tokenizer(), straightforward).to(device)
+    model = build_model(cfg.model, data.class_prompts, clip, tokenizer(), straightforward)
+    set_recompute(model, cfg.optim.recompute_activations)
+    return model.to(device)
 
 
 def _selection_score(metrics: dict[str, float], cfg: VadClipConfig) -> float:

@@ -9,6 +9,7 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from vadclip.model.gcn import valid_mask
+from vadclip.model.recompute import recomputed
 
 
 def ffn(width: int, ratio: int = 4) -> nn.Sequential:
@@ -19,13 +20,15 @@ def ffn(width: int, ratio: int = 4) -> nn.Sequential:
 class ClassificationBranch(nn.Module):
     """Eq. 4 (pre-sigmoid): logits = FC(FFN(X) + X); A = sigmoid(logits); (B, L, 1)."""
 
+    recompute = False  # optim.recompute_activations: the FFN's activations recomputed in the backward pass
+
     def __init__(self, width: int, ratio: int = 4):
         super().__init__()
         self.ffn = ffn(width, ratio)
         self.fc = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x + self.ffn(x))
+        return self.fc(x + recomputed(self.recompute, self.ffn, x))
 
 
 def anomaly_focus_prompt(x: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,

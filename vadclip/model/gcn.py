@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from torch import nn
 
+from vadclip.model.recompute import recomputed
+
 
 def valid_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
     """(B, L) bool: True on the unpadded frames."""
@@ -109,6 +111,7 @@ class GlobalGCN(nn.Module):
     built once (a buffer), not on every forward as in the authors' code (`rebuild_distance=True`)."""
 
     fixed_distance: torch.Tensor | None  # buffer; None unless kernel == "exp"
+    recompute = False  # optim.recompute_activations: adjacencies and GCN recomputed in the backward pass
 
     def __init__(self, width: int, length: int, gcn: str, threshold: float, filter: str,
                  kernel: str, sigma: float, rebuild_distance: bool = False):
@@ -120,6 +123,9 @@ class GlobalGCN(nn.Module):
         self.rebuild_distance = rebuild_distance
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return recomputed(self.recompute, self._forward, x, lengths)
+
+    def _forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h_sim = similarity_adjacency(x, lengths, self.threshold, self.filter)
         length = x.shape[1]
         if self.kernel != "exp":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
+
+from vadclip.model.recompute import recomputed
 
 
 def local_window(length: int, window: int, overlap: bool = False) -> torch.Tensor:
@@ -33,6 +37,7 @@ class TemporalTransformer(nn.Module):
     """
 
     attn_mask: torch.Tensor | None  # buffer; None without a window
+    recompute = False  # optim.recompute_activations: each block's activations recomputed in the backward pass
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: int, length: int,
                  window: int | None = None, overlap: bool = False, windows_as_batch: bool = True):
@@ -63,7 +68,7 @@ class TemporalTransformer(nn.Module):
 
     def _run(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, attn_mask=attn_mask)
+            x = recomputed(self.recompute, partial(block, attn_mask=attn_mask), x)
         return x
 
     def _run_sharing_blank_windows(self, windows: torch.Tensor, blank: torch.Tensor, slots: int) -> torch.Tensor:
