@@ -65,14 +65,17 @@ def _session(pid: int) -> list[int]:
     return pids
 
 
-def _pss_kib(pid: int) -> int:
+def _pss_kib(pid: int) -> dict[str, int]:
+    """Pss and its parts (Pss_Anon: the process's own memory; Pss_File: mapped files, e.g. the cache), in KiB."""
+    out = {"Pss": 0, "Pss_Anon": 0, "Pss_File": 0, "Pss_Shmem": 0}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
+            key = line.split(":")[0]
+            if key in out:
+                out[key] = int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
-    return 0
+    return out
 
 
 def _name(pid: int) -> str:
@@ -93,9 +96,11 @@ def _study(dataset: str, lists: Path, features: Path, project: Path, overrides: 
     peak, peak_procs, at_peak = 0, 0, []
     while proc.poll() is None:
         pss = {p: _pss_kib(p) for p in _session(proc.pid)}
-        if sum(pss.values()) > peak:
-            peak, peak_procs = sum(pss.values()), len(pss)
-            at_peak = sorted(((kib, _name(p)) for p, kib in pss.items()), reverse=True)[:4]
+        total = sum(v["Pss"] for v in pss.values())
+        if total > peak:
+            peak, peak_procs = total, len(pss)
+            at_peak = sorted(((v["Pss"], v["Pss_Anon"], v["Pss_File"], v["Pss_Shmem"], _name(p))
+                              for p, v in pss.items()), reverse=True)[:4]
         time.sleep(0.5)
     out = proc.stdout.read() if proc.stdout else ""
     logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
@@ -137,8 +142,9 @@ def main() -> None:
               f"{result['peak_pss_gib']:.2f} GiB ({result['processes_at_peak']} processes) = "
               f"{result['peak_pss_gib'] * 2**30 / size:.2f} x the cache; spilling: "
               f"{'none' if not result['spill_lines'] else result['spill_lines']}")
-        print("largest processes at the peak: " + "; ".join(f"{kib / 2**20:.2f} GiB {name}"
-                                                            for kib, name in result["largest_at_peak"]))
+        print("largest processes at the peak (PSS = anonymous + mapped files + shared memory):")
+        for kib, anon, file, shmem, name in result["largest_at_peak"]:
+            print(f"  {kib / 2**20:.2f} GiB = {anon / 2**20:.2f} + {file / 2**20:.2f} + {shmem / 2**20:.2f}  {name}")
         print("\n".join(result["tail"]))
 
 

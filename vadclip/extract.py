@@ -580,16 +580,19 @@ def extract_videos(videos_dir: str | Path, out_dir: str | Path, *, crops: int = 
                    snippet: str = DEFAULT_SNIPPET, batch_size: int = DEFAULT_BATCH_SIZE,
                    clip_model: str = DEFAULT_CLIP_MODEL, clip_weights: str | None = None, device: str = "auto",
                    label_file: str | Path | None = None, list_name: str = DEFAULT_LIST_NAME,
-                   overwrite: bool = False, progress: bool = True) -> ExtractSummary:
+                   overwrite: bool = False, progress: bool = True, address: str | None = None,
+                   workers: int | None = None, cpus_per_worker: float = 1,
+                   gpus_per_worker: float = 0) -> ExtractSummary:
     """Extract CLIP features of every video under `videos_dir` into `out_dir` (layout in the module doc).
 
     Resumable: videos whose crops are all present are skipped (unless `overwrite`). A video that cannot
     be decoded, or decodes well short of its advertised frame count, is recorded in `summary.failed` and
-    gets no features. Bad input raises ExtractError.
+    gets no features. Bad input raises ExtractError. `address` (`local`, `auto`, HOST:PORT): encode on Ray
+    workers instead of this process (`vadclip.extract_cluster`), with the same outputs.
     """
     videos_dir, out_dir = Path(videos_dir).absolute(), Path(out_dir).absolute()  # absolute paths in the list
     _validate(crops, snippet, batch_size, clip_model)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device if not address else "cpu")  # on a cluster, each worker resolves its own
     list_path = _list_path(out_dir, list_name)
     jobs = make_jobs(videos_dir, Path(label_file) if label_file is not None else None)
     if clip_weights is not None and not Path(clip_weights).is_file():
@@ -604,8 +607,15 @@ def extract_videos(videos_dir: str | Path, out_dir: str | Path, *, crops: int = 
     todo_rels = {j.rel for j in todo}
     summary.skipped = [j.rel for j in jobs if j.rel not in todo_rels]
     log.info("%d videos: %d to extract, %d complete (skipped); CLIP %s on %s, %d crops, snippet %s",
-             len(jobs), len(todo), len(summary.skipped), clip_model, torch_device, crops, snippet)
-    if todo:
+             len(jobs), len(todo), len(summary.skipped), clip_model, address or torch_device, crops, snippet)
+    if todo and address:
+        from vadclip.extract_cluster import Settings, run_on_cluster
+
+        settings = Settings(crops, snippet, batch_size, clip_model, clip_weights, device,
+                            threads=max(1, int(cpus_per_worker)))
+        run_on_cluster(todo, out_dir, settings, summary, address=address, workers=workers,
+                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, progress=progress)
+    elif todo:
         t0 = time.perf_counter()
         model = load_clip(clip_model, clip_weights, torch_device)
         preprocess = Preprocess(model, torch_device)
@@ -675,6 +685,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="re-extract videos whose outputs exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ray = p.add_argument_group("on a Ray cluster (vadclip.extract_cluster)")
+    ray.add_argument("--address", default=None,
+                     help="encode on Ray workers: local (a Ray instance on this machine), auto (the cluster this "
+                          "node belongs to) or HOST:PORT; VIDEOS at the same path on every node, OUT on this one")
+    ray.add_argument("--workers", type=int, default=None,
+                     help="workers (each builds CLIP once); default: as many as the cluster's CPUs or GPUs hold")
+    ray.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (default %(default)s)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0,
+                     help="GPUs per worker, fractions share a GPU, e.g. 0.5 (default %(default)s: CPU workers)")
     return p
 
 
@@ -687,7 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  batch_size=args.batch_size, clip_model=args.clip_model,
                                  clip_weights=args.clip_weights, device=args.device, label_file=args.label_file,
                                  list_name=args.list_name, overwrite=args.overwrite,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, address=args.address, workers=args.workers,
+                                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
     except VadClipError as exc:  # ExtractError, DeviceError
         print(f"error: {exc}", file=sys.stderr)
         return 2
