@@ -448,7 +448,7 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
             param_space = {"variant": tune.grid_search(list(stage.rows)), "seed": tune.grid_search(stage.seeds)}
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,
                                           trial_dirname_creator=trial_id, trial_name_creator=trial_id,
-                                          reuse_actors=True)
+                                          reuse_actors=spec.reuse_workers)
         else:
             param_space = {"seed": stage.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
             searcher: Searcher = OptunaSearch(metric=metric, mode="max", seed=stage.seeds[0],
@@ -463,7 +463,7 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
                 if spec.scheduler["type"] == "asha" else FIFOScheduler())
             tune_config = tune.TuneConfig(num_samples=stage.total, search_alg=searcher, scheduler=scheduler,
                                           trial_dirname_creator=trial_id, trial_name_creator=trial_id,
-                                          reuse_actors=True)
+                                          reuse_actors=spec.reuse_workers)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     # from here on this invocation is the one --resume continues
     inv.state_file.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ TOP_KEYS = {
     "name": str, "kind": str, "description": str, "preset": str, "variant": str, "metric": str,
     "seeds": int, "num_samples": int, "max_concurrent": int, "max_failures": int,
     "resources": dict, "base": dict, "variants": list, "full": str, "space": dict, "scheduler": dict,
-    "paper_table": int, "confirm": dict, "columns": list, "seeds_auto": dict,
+    "paper_table": int, "confirm": dict, "columns": list, "seeds_auto": dict, "reuse_workers": bool,
 }
 VARIANT_KEYS = {"name": str, "set": dict, "paper": dict, "variant": str}
 PAPER_METRICS = (*CORE_METRICS, *MAP_LEVELS)  # what a row may quote from the paper and a table may show
@@ -70,6 +70,7 @@ class StudySpec:
     num_samples: int = 1
     max_concurrent: int = 0  # 0 = as many as resources allow
     max_failures: int = 1  # retries of a failed trial (from its last checkpoint)
+    reuse_workers: bool = True  # trials run one after another in the same Ray worker processes (Tune's reuse_actors)
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     base: dict[str, Any] = field(default_factory=dict)
     variants: tuple[Variant, ...] = ()
@@ -241,7 +242,8 @@ def parse(raw: Any, path: Path) -> StudySpec:
         metric=raw.get("metric", "auto"), seeds=raw.get("seeds", 3 if raw["kind"] == "ablation" else 1),
         num_samples=raw.get("num_samples", 1),
         max_concurrent=raw.get("max_concurrent", 0), max_failures=raw.get("max_failures", 1),
-        resources={"cpu": 1, "gpu": 0, **resources}, base=base, variants=tuple(variants),
+        reuse_workers=raw.get("reuse_workers", True), resources={"cpu": 1, "gpu": 0, **resources}, base=base,
+        variants=tuple(variants),
         full=raw.get("full", names[-1] if names else None), space=space,
         scheduler={"type": "asha", **scheduler}, paper_table=raw.get("paper_table"),
         columns=tuple(raw.get("columns", CORE_METRICS)), seeds_auto={**SEEDS_AUTO_DEFAULT, **seeds_auto},

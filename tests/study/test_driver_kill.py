@@ -80,7 +80,9 @@ def half_way(runs: list) -> dict[str, float]:
 
 @pytest.mark.timeout(480)
 def test_sigkilled_driver_resumes_without_lost_or_duplicated_trials(tmp_path):
-    spec_path = study_yaml(tmp_path, NAME, EPOCHS)
+    # a new worker process per trial (as before workers were reused): its start leaves the moments this test
+    # kills at (between two trials, half way through one) wide enough to hit
+    spec_path = study_yaml(tmp_path, NAME, EPOCHS, reuse_workers=False)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     temp = tempfile.mkdtemp(prefix="dk", dir="/tmp")  # the drivers' Ray files: tells this test's processes apart
     env = driver_env(temp)
