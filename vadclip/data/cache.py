@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from vadclip.config import VadClipConfig
-from vadclip.data.dataset import DiskFeatureBank, FeatureBank, Layout, _parallel_map, read_layout
+from vadclip.data.dataset import DiskFeatureBank, FeatureBank, Layout, disk_offsets, pack, read_layout
 from vadclip.data.errors import DataError
 
 if sys.platform != "win32":
@@ -205,24 +205,19 @@ def _save_small(path: Path, arr: np.ndarray) -> None:
 def _write_part(folder: Path, part: str, bank: DiskFeatureBank, dtype: str) -> None:
     """`<part>.offsets` and `<part>.feat` filled item by item (threads; the array is a memory map, so the
     build needs no memory beyond the page cache)."""
-    offsets = np.concatenate([[0], np.cumsum(bank.lengths)]).astype(np.int64)
+    offsets = disk_offsets(bank)
     _save_small(folder / f"{part}{OFFSETS_SUFFIX}", offsets)
     out = np.lib.format.open_memmap(folder / f"{part}{DATA_SUFFIX}", mode="w+", dtype=np.dtype(dtype),
                                     shape=(int(offsets[-1]), bank.dim))
-    lossy = out.dtype != np.float32
 
-    def fill(i: int) -> None:
-        x = bank[i]
-        if len(x) != offsets[i + 1] - offsets[i]:  # file changed between the header and the data read
-            raise DataError(f"{bank.files[i][0]}: length changed while the feature cache was built; expected "
-                            f"{offsets[i + 1] - offsets[i]} snippets, read {len(x)}")
-        y = x.astype(out.dtype, copy=False)
-        if lossy and not np.isfinite(y).all():  # float32 input is finite (load_features checks)
+    def to_float16(i: int, x: np.ndarray) -> np.ndarray:
+        y = x.astype(out.dtype)
+        if not np.isfinite(y).all():  # float32 input is finite (load_features checks)
             raise CacheError(f"{bank.files[i][0]}: feature value {float(np.abs(x).max())!r} is beyond float16's "
                              f"range; use data.cache_dtype=float32")
-        out[offsets[i]:offsets[i + 1]] = y
+        return y
 
-    _parallel_map(fill, range(len(bank)))
+    pack(bank, out, offsets, None if out.dtype == np.float32 else to_float16)
     out.flush()  # msync: the data is on disk before `complete` is written
 
 

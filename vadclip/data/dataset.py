@@ -133,17 +133,30 @@ def build_bank(files: Sequence[Sequence[str | Path]], dim: int, pool_length: int
     disk = DiskFeatureBank(files, dim, pool_length)
     if not in_memory:
         return disk
-    offsets = np.concatenate([[0], np.cumsum(disk.lengths)]).astype(np.int64)
+    offsets = disk_offsets(disk)
     data = np.empty((int(offsets[-1]), dim), dtype=np.float32)
+    pack(disk, data, offsets)
+    return FeatureBank(data, offsets)
 
+
+def disk_offsets(disk: DiskFeatureBank) -> np.ndarray:
+    """(n+1,) int64 row offsets of the items of `disk` packed one after another (from the headers' lengths)."""
+    return np.concatenate([[0], np.cumsum(disk.lengths)]).astype(np.int64)
+
+
+def pack(disk: DiskFeatureBank, out: np.ndarray, offsets: np.ndarray,
+         convert: Callable[[int, np.ndarray], np.ndarray] | None = None) -> None:
+    """Read every item of `disk` into rows offsets[i]:offsets[i+1] of `out` (an array or a memory map), in threads;
+    `convert(i, x)` (optional) turns item i into what is stored. A file whose length changed since its header was
+    read raises DataError naming it."""
     def fill(i: int) -> None:
         x = disk[i]
-        if len(x) != offsets[i + 1] - offsets[i]:  # file changed between the two reads
-            raise DataError(f"{disk.files[i][0]}: length changed while loading; expected {len(x)} snippets")
-        data[offsets[i]:offsets[i + 1]] = x
+        if len(x) != offsets[i + 1] - offsets[i]:
+            raise DataError(f"{disk.files[i][0]}: length changed while it was read; expected "
+                            f"{offsets[i + 1] - offsets[i]} snippets, read {len(x)}")
+        out[offsets[i]:offsets[i + 1]] = x if convert is None else convert(i, x)
 
     _parallel_map(fill, range(len(disk)))
-    return FeatureBank(data, offsets)
 
 
 @dataclass
