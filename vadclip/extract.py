@@ -10,6 +10,7 @@ snippet is kept and uses the frames it has. See docs/extraction.md for the choic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -630,35 +631,52 @@ def extract_videos(videos_dir: str | Path, out_dir: str | Path, *, crops: int = 
     return summary
 
 
-def _run_jobs(todo: Sequence[VideoJob], out_dir: Path, model: nn.Module, preprocess: Preprocess,
-              summary: ExtractSummary, *, crops: int, snippet: str, batch_size: int, progress: bool) -> None:
+@contextlib.contextmanager
+def progress_bars(total: int, summary: ExtractSummary, progress: bool) -> Iterator[tuple[tqdm, tqdm]]:
+    """The bar over videos and the one over decoded frames, log lines above them; `summary.seconds` is the time
+    spent inside. `progress` false hides them (else tqdm's own rule: none when stderr is not a terminal)."""
+    hide = None if progress else True
     t0 = time.perf_counter()
-    hide = None if progress else True  # None: tqdm's own rule (no bars when stderr is not a terminal)
-    videos_bar = tqdm(todo, desc="videos", unit="video", disable=hide, position=0)
+    videos_bar = tqdm(total=total, desc="videos", unit="video", disable=hide, position=0)
     frames_bar = tqdm(desc="frames", unit="frame", disable=hide, position=1)
-
-    def on_frames(n: int) -> None:
-        summary.frames += n
-        frames_bar.update(n)
-
     try:
-        with logging_redirect_tqdm():  # log lines go above the bars instead of through them
-            for job in videos_bar:
-                videos_bar.set_postfix_str(job.rel, refresh=False)
-                try:
-                    feats = encode_video(job.path, model, preprocess, crops=crops, snippet=snippet,
-                                         batch_size=batch_size, on_frames=on_frames)
-                except VideoError as exc:
-                    summary.failed[job.rel] = str(exc)
-                    log.warning("skipping unreadable video %s: %s", job.rel, exc)
-                    continue
-                write_features(job, out_dir, feats)
-                summary.extracted.append(job.rel)
-                summary.snippets += feats.shape[1]
+        with logging_redirect_tqdm():
+            yield videos_bar, frames_bar
     finally:
         summary.seconds = time.perf_counter() - t0
         frames_bar.close()
         videos_bar.close()
+
+
+def record_video(summary: ExtractSummary, job: VideoJob, out_dir: Path, feats: np.ndarray | None,
+                 error: str | None) -> None:
+    """One video's outcome: its features written and counted, or why it could not be read (logged)."""
+    if feats is None:
+        summary.failed[job.rel] = str(error)
+        log.warning("skipping unreadable video %s: %s", job.rel, error)
+        return
+    write_features(job, out_dir, feats)
+    summary.extracted.append(job.rel)
+    summary.snippets += feats.shape[1]
+
+
+def _run_jobs(todo: Sequence[VideoJob], out_dir: Path, model: nn.Module, preprocess: Preprocess,
+              summary: ExtractSummary, *, crops: int, snippet: str, batch_size: int, progress: bool) -> None:
+    with progress_bars(len(todo), summary, progress) as (videos_bar, frames_bar):
+        def on_frames(n: int) -> None:
+            summary.frames += n
+            frames_bar.update(n)
+
+        for job in todo:
+            videos_bar.set_postfix_str(job.rel, refresh=False)
+            feats, error = None, None
+            try:
+                feats = encode_video(job.path, model, preprocess, crops=crops, snippet=snippet,
+                                     batch_size=batch_size, on_frames=on_frames)
+            except VideoError as exc:
+                error = str(exc)
+            record_video(summary, job, out_dir, feats, error)
+            videos_bar.update(1)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

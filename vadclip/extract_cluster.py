@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ import numpy as np
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
-from tqdm.auto import tqdm
 
 from vadclip.extract import (
     ExtractError,
@@ -40,7 +38,8 @@ from vadclip.extract import (
     VideoJob,
     encode_video,
     load_clip,
-    write_features,
+    progress_bars,
+    record_video,
 )
 
 log = logging.getLogger("vadclip.extract")
@@ -133,45 +132,33 @@ def run_on_cluster(todo: Sequence[VideoJob], out_dir: Path, settings: Settings, 
     attempts: dict[str, int] = {}
     idle: list[Any] = [actor.remote(settings) for _ in range(n)]
     running: dict[Any, tuple[Any, VideoJob]] = {}
-    hide = None if progress else True
-    videos_bar = tqdm(total=len(todo), desc="videos", unit="video", disable=hide, position=0)
-    frames_bar = tqdm(desc="frames", unit="frame", disable=hide, position=1)
-    t0 = time.perf_counter()
     try:
-        while queue or running:
-            while idle and queue:
-                worker, job = idle.pop(), queue.popleft()
-                running[worker.extract.remote(job)] = (worker, job)
-            done, _ = ray.wait(list(running), num_returns=1)
-            worker, job = running.pop(done[0])
-            try:
-                frames, feats, error = ray.get(done[0])
-            except LOST as exc:  # the worker is gone: a fresh one takes its place, the video goes back
-                attempts[job.rel] = attempts.get(job.rel, 0) + 1
-                log.warning("worker lost while encoding %s (attempt %d): %s", job.rel, attempts[job.rel],
-                            type(exc).__name__)
-                ray.kill(worker, no_restart=True)
-                idle.append(actor.remote(settings))
-                if attempts[job.rel] < MAX_ATTEMPTS:
-                    queue.appendleft(job)
-                else:
-                    summary.failed[job.rel] = f"lost {MAX_ATTEMPTS} workers while encoding it"
-                    videos_bar.update(1)
-                continue
-            idle.append(worker)
-            videos_bar.update(1)
-            frames_bar.update(frames)
-            summary.frames += frames
-            if feats is None:
-                summary.failed[job.rel] = str(error)
-                log.warning("skipping unreadable video %s: %s", job.rel, error)
-            else:
-                write_features(job, out_dir, feats)
-                summary.extracted.append(job.rel)
-                summary.snippets += feats.shape[1]
+        with progress_bars(len(todo), summary, progress) as (videos_bar, frames_bar):
+            while queue or running:
+                while idle and queue:
+                    worker, job = idle.pop(), queue.popleft()
+                    running[worker.extract.remote(job)] = (worker, job)
+                done, _ = ray.wait(list(running), num_returns=1)
+                worker, job = running.pop(done[0])
+                try:
+                    frames, feats, error = ray.get(done[0])
+                except LOST as exc:  # the worker is gone: a fresh one takes its place, the video goes back
+                    attempts[job.rel] = attempts.get(job.rel, 0) + 1
+                    log.warning("worker lost while encoding %s (attempt %d): %s", job.rel, attempts[job.rel],
+                                type(exc).__name__)
+                    ray.kill(worker, no_restart=True)
+                    idle.append(actor.remote(settings))
+                    if attempts[job.rel] < MAX_ATTEMPTS:
+                        queue.appendleft(job)
+                    else:
+                        summary.failed[job.rel] = f"lost {MAX_ATTEMPTS} workers while encoding it"
+                        videos_bar.update(1)
+                    continue
+                idle.append(worker)
+                frames_bar.update(frames)
+                summary.frames += frames
+                record_video(summary, job, out_dir, feats, error)
+                videos_bar.update(1)
     finally:
-        summary.seconds = time.perf_counter() - t0
-        frames_bar.close()
-        videos_bar.close()
         for worker in idle + [w for w, _ in running.values()]:
             ray.kill(worker, no_restart=True)
