@@ -88,6 +88,8 @@ class Plan:
     seeds: list[int]
     trials: list[tuple[str, int]]  # (row or "search", seed)
     metric: str  # the study metric, resolved for the data style
+    confirm_top: int = 0  # a search's confirmation stage: its top configurations (0 = no such stage)
+    confirm_seeds: tuple[int, ...] = ()  # and the fresh seeds they (and the base) are trained on
 
     @property
     def base(self) -> VadClipConfig:
@@ -125,10 +127,13 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
         seeds = seeds[:1]  # a searcher proposes configs; repeats over seeds belong to ablations
     trials = ([(v.name, s) for v in spec.variants for s in seeds] if spec.kind == "ablation"
               else [("search", seeds[0])] * (opts.num_samples or spec.num_samples))
-    return Plan(resolved, seeds, trials, spec.resolve_metric(base.style))
+    top = opts.confirm_top if opts.confirm_top is not None else spec.confirm["top"]
+    fresh = tuple(seeds[0] + 1 + i for i in range(opts.confirm_seeds or spec.confirm["seeds"]))  # never the search's
+    return Plan(resolved, seeds, trials, spec.resolve_metric(base.style),
+                confirm_top=top if spec.kind == "search" else 0, confirm_seeds=fresh)
 
 
-def print_plan(spec: specs.StudySpec, p: Plan, opts: RunOptions | None = None) -> None:
+def print_plan(spec: specs.StudySpec, p: Plan) -> None:
     print(f"study {spec.name} ({spec.kind}): {spec.description}")
     print(f"dataset {p.dataset}, metric {p.metric}, selection on {p.base.eval.selection}, "
           f"resources per trial {spec.resources}, epochs {p.base.optim.epochs}")
@@ -142,11 +147,11 @@ def print_plan(spec: specs.StudySpec, p: Plan, opts: RunOptions | None = None) -
               f"scheduler {spec.scheduler}, from:")
         for key, domain in spec.space.items():
             print(f"    {key}: {domain.describe()}")
-        top = opts.confirm_top if opts and opts.confirm_top is not None else spec.confirm["top"]
-        n = (opts.confirm_seeds if opts else None) or spec.confirm["seeds"]
+        top, fresh = p.confirm_top, p.confirm_seeds
         if top:
             print(f"  then a confirmation stage: the top {top} configurations by validation {p.metric} and the base "
-                  f"on {n} fresh seeds ({p.seeds[0] + 1}..{p.seeds[0] + n}): up to {(top + 1) * n} more trials")
+                  f"on {len(fresh)} fresh seeds ({fresh[0]}..{fresh[-1]}): up to {(top + 1) * len(fresh)} more "
+                  f"trials")
     print(f"{len(p.trials)} trials")
 
 
@@ -225,7 +230,7 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     opts.project = opts.project.resolve()
     p = plan(spec, opts)
     if opts.dry_run:
-        print_plan(spec, p, opts)
+        print_plan(spec, p)
         return {"dry_run": True, "trials": p.trials}
     state_file = _state_path(opts, spec.name)
     previous: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -297,11 +302,9 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
     stopped = close_unfinished_children(uri, inv.experiment_id, parent_id, failures)
     if opts.seeds_auto and spec.kind == "ablation":
         failures = {**failures, **_more_seeds(spec, opts, p, data, inv, fingerprints)}
-    top = opts.confirm_top if opts.confirm_top is not None else spec.confirm["top"]
-    if spec.kind == "search" and top > 0:
-        n_seeds = opts.confirm_seeds or spec.confirm["seeds"]
-        rows = confirm_rows(spec, p, inv, top)
-        seeds = [p.seeds[0] + 1 + i for i in range(n_seeds)]  # fresh: never the search seed
+    if p.confirm_top > 0:
+        rows = confirm_rows(spec, p, inv, p.confirm_top)
+        seeds = list(p.confirm_seeds)
         confirm = Stage("confirm", f"{inv.run_name}-confirm", rows, seeds, len(rows) * len(seeds))
         more = _fit_stage(spec, opts, p, data, inv, confirm, fingerprints)
         stopped += close_unfinished_children(uri, inv.experiment_id, parent_id, more)

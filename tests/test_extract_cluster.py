@@ -5,10 +5,8 @@ a worker node lost mid-run still yields every video exactly once."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.study.test_cluster_e2e import end_ray, lose_node
+from tests.study.test_cluster_e2e import local_cluster, lose_node
 from tests.test_extract import corrupt_video, files_under, run, small_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,24 +25,9 @@ LENGTHS = {"Abuse/a1.mp4": 70, "Abuse/a2.mp4": 33, "Fighting/f1.mp4": 120, "Norm
 
 @pytest.fixture
 def cluster() -> Iterator[tuple]:
-    """A head with no CPU (only the driver's side) and two 1-CPU worker nodes; no process may outlive the test."""
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="rx", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
-    node_args = {"temp_dir": temp, "num_cpus": 1}
-    c = Cluster(initialize_head=True, head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False})
-    try:
-        workers = [c.add_node(**node_args) for _ in range(2)]
-        c.wait_for_nodes()
-        yield c, workers, node_args
-    finally:
-        import ray
-
-        ray.shutdown()
-        c.shutdown()
-        left = end_ray(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-        assert not left, f"Ray processes left behind: {left}"
+    """Two 1-CPU worker nodes."""
+    with local_cluster("rx", num_cpus=1) as c:
+        yield c
 
 
 def videos_folder(root: Path, lengths: dict[str, int]) -> Path:

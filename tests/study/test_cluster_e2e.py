@@ -8,6 +8,7 @@ half a GPU per trial, as a GPU cluster would: the trials must get the GPU Ray as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -148,25 +149,35 @@ def driver_env(ray_tmpdir: str | None = None) -> dict[str, str]:
     return {**env, "RAY_TMPDIR": ray_tmpdir} if ray_tmpdir else env
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple]:
-    """A head (no CPU: it runs no trial, only the driver's side) and two worker nodes of 1 CPU and 1 (logical) GPU;
-    all torn down after, and no process of theirs may outlive the test."""
+@contextlib.contextmanager
+def local_cluster(prefix: str, **resources: float) -> Iterator[tuple]:
+    """A head with no resources (only the driver's side) and two worker nodes of `resources` each, on loopback;
+    yields (cluster, workers, node_args). All torn down after (an in-process driver too), and no process of theirs
+    may outlive the test."""
+    import ray
     from ray.cluster_utils import Cluster
 
-    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
-    node_args = {"temp_dir": temp, "num_cpus": 1, "num_gpus": 1}
-    c = Cluster(initialize_head=True, head_node_args={**node_args, "num_cpus": 0, "num_gpus": 0,
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
+    node_args = {"temp_dir": temp, **resources}
+    c = Cluster(initialize_head=True, head_node_args={**node_args, **{k: 0 for k in resources},
                                                        "include_dashboard": False})
     try:
         workers = [c.add_node(**node_args) for _ in range(2)]
         c.wait_for_nodes()
         yield c, workers, node_args
     finally:
+        ray.shutdown()  # a no-op unless the test's own process joined the cluster
         c.shutdown()
         left = end_ray(temp)
         shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"Ray processes left behind: {left}"
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple]:
+    """Two worker nodes of 1 CPU and 1 (logical) GPU."""
+    with local_cluster("rc", num_cpus=1, num_gpus=1) as c:
+        yield c
 
 
 @pytest.mark.timeout(420)
