@@ -2,8 +2,8 @@
 
 Process defaults for every study module, set here because mlflow and ray read them when imported (the driver's
 Ray workers inherit them): no usage statistics or telemetry, and no warning for Tune's by-design snapshot after
-every trial checkpoint (`CheckpointConfig(num_to_keep=1)`, so a resume never points at a deleted checkpoint;
-slow snapshots still warn), and no progress bar per artifact a report downloads. MALLOC_ARENA_MAX=2 for the
+every trial checkpoint (with `CheckpointConfig(num_to_keep=2)` a resume never points at a deleted checkpoint; slow
+snapshots still warn), and no progress bar per artifact a report downloads. MALLOC_ARENA_MAX=2 for the
 processes a study starts (a local Ray and its workers): glibc gives threads their own malloc arenas, which keep
 freed memory, and a Tune worker runs each trial in a new thread; at full scale a trial held 1.2 GiB more without it
 (docs/speed.md). It takes effect in processes started after it is set, so the driver itself is unaffected.

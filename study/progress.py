@@ -132,7 +132,7 @@ class StudyProgress(Callback):
 def _trial_name(trial: Any) -> str:
     config = getattr(trial, "config", {}) or {}
     variant = config.get("variant")
-    seed = config.get("seed")
+    seed = config.get("seed", ",".join(map(str, config.get("seeds", []))))  # a fused trial: its seeds
     return f"s{seed} · {variant}" if variant else f"s{seed} · {trial.trial_id}"
 
 

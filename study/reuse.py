@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,13 @@ def config_key(cfg: VadClipConfig) -> dict[str, Any]:
     return key
 
 
-def trial_fingerprint(cfg: VadClipConfig, data_fp: str, code_fp: str) -> str:
-    blob = json.dumps({"config": config_key(cfg), "data": data_fp, "code": code_fp}, sort_keys=True, default=str)
+def trial_fingerprint(cfg: VadClipConfig, data_fp: str, code_fp: str, fused: Sequence[int] = ()) -> str:
+    """A trial's identity. `fused`: the seeds it was trained with in one vectorised model (their batched kernels
+    round differently from a lone seed's), so a fused seed and a lone one are different computations."""
+    identity: dict[str, Any] = {"config": config_key(cfg), "data": data_fp, "code": code_fp}
+    if len(fused) > 1:
+        identity["fused"] = sorted(fused)
+    blob = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -61,6 +61,7 @@ class RunOptions:
     seeds_cap: int | None = None
     confirm_top: int | None = None  # a search's confirmation stage (default: the spec's confirm.top; 0 = none)
     confirm_seeds: int | None = None
+    fuse_seeds: int | str | None = None  # seeds of a row per trial (vadclip.fused); default: the spec's fuse_seeds
     dry_run: bool = False
     project: Path = field(default_factory=Path.cwd)
     reports_dir: Path | None = None
@@ -90,6 +91,7 @@ class Plan:
     metric: str  # the study metric, resolved for the data style
     confirm_top: int = 0  # a search's confirmation stage: its top configurations (0 = no such stage)
     confirm_seeds: tuple[int, ...] = ()  # and the fresh seeds they (and the base) are trained on
+    fuse: int = 1  # seeds of a row trained together in one trial (1: a trial per seed)
 
     @property
     def base(self) -> VadClipConfig:
@@ -129,8 +131,13 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
               else [("search", seeds[0])] * (opts.num_samples or spec.num_samples))
     top = opts.confirm_top if opts.confirm_top is not None else spec.confirm["top"]
     fresh = tuple(seeds[0] + 1 + i for i in range(opts.confirm_seeds or spec.confirm["seeds"]))  # never the search's
+    fuse = spec.fuse_size(None if opts.fuse_seeds is None else specs.check_fuse_seeds(opts.fuse_seeds, "--fuse-seeds"))
+    if fuse > 1 and any(c.optim.recompute_activations for c in [base, *resolved.rows.values()]):
+        from vadclip.train import FUSED_RECOMPUTE
+
+        raise StudyError(f"study {spec.name}: {FUSED_RECOMPUTE}")
     return Plan(resolved, seeds, trials, spec.resolve_metric(base.style),
-                confirm_top=top if spec.kind == "search" else 0, confirm_seeds=fresh)
+                confirm_top=top if spec.kind == "search" else 0, confirm_seeds=fresh, fuse=fuse)
 
 
 def print_plan(spec: specs.StudySpec, p: Plan) -> None:
@@ -152,7 +159,8 @@ def print_plan(spec: specs.StudySpec, p: Plan) -> None:
             print(f"  then a confirmation stage: the top {top} configurations by validation {p.metric} and the base "
                   f"on {len(fresh)} fresh seeds ({fresh[0]}..{fresh[-1]}): up to {(top + 1) * len(fresh)} more "
                   f"trials")
-    print(f"{len(p.trials)} trials")
+    fused = f", the seeds of each row {p.fuse} at a time in one trial (fuse_seeds)" if p.fuse > 1 else ""
+    print(f"{len(p.trials)} trials{fused}")
 
 
 def check_address(address: str, timeout: float = 10.0) -> None:
@@ -429,11 +437,14 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, ctx=ctx), spec.resources)
     metric = mlflow_key(f"{base.eval.selection}/{p.metric}")
     label = spec.name if stage.name != "confirm" else f"{spec.name} confirm"
-    progress = StudyProgress(label, stage.total, metric, p.metric)
+    fused = stage.name != "search" and p.fuse > 1
+    tune_trials = len(stage.rows) * len(specs.seed_groups(stage.seeds, p.fuse)) if fused else stage.total
+    progress = StudyProgress(label, tune_trials, metric, p.metric)
     run_config = tune.RunConfig(
         name=stage.experiment, storage_path=inv.storage, verbose=opts.verbose, callbacks=[progress],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # two: a driver killed between a checkpoint's deletion and Tune's next snapshot resumes from the other one
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
     )
     path = f"{inv.storage.rstrip('/')}/{stage.experiment}"
     if opts.resume and tune.Tuner.can_restore(path):
@@ -448,7 +459,10 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
 
         param_space: dict[str, Any]
         if stage.name != "search":  # a grid of rows × seeds: an ablation, or a search's confirmation
-            param_space = {"variant": tune.grid_search(list(stage.rows)), "seed": tune.grid_search(stage.seeds)}
+            groups = specs.seed_groups(stage.seeds, p.fuse)
+            seeds: dict[str, Any] = ({"seeds": tune.grid_search(groups)} if any(len(g) > 1 for g in groups)
+                                     else {"seed": tune.grid_search(stage.seeds)})
+            param_space = {"variant": tune.grid_search(list(stage.rows)), **seeds}
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,
                                           trial_dirname_creator=trial_id, trial_name_creator=trial_id,
                                           reuse_actors=spec.reuse_workers)
@@ -535,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-top", type=nonnegative_int, help="a search's confirmation stage: re-train the top "
                    "K configurations by the validation metric with the base on fresh seeds (0 = none)")
     p.add_argument("--confirm-seeds", type=positive_int, help="fresh seeds of the confirmation stage")
+    p.add_argument("--fuse-seeds", help="seeds of a row trained together in one trial (1 = each its own; default: "
+                   "the spec's fuse_seeds, auto = up to 5 when trials have a GPU)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false",
                    help="train every trial, even one identical (config, data, code) to a FINISHED run in the store")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
@@ -561,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           num_samples=args.num_samples, address=args.address, storage=args.storage,
                           tracking_uri=args.tracking_uri, resume=args.resume, reuse=args.reuse, dry_run=args.dry_run,
                           confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
-                          num_cpus=args.num_cpus, verbose=args.verbose)
+                          fuse_seeds=args.fuse_seeds, num_cpus=args.num_cpus, verbose=args.verbose)
         summary = run_study(args.name, opts)
     except StudyInterrupted as err:
         print(f"\n{err}", file=sys.stderr)

@@ -25,6 +25,7 @@ TOP_KEYS = {
     "seeds": int, "num_samples": int, "max_concurrent": int, "max_failures": int,
     "resources": dict, "base": dict, "variants": list, "full": str, "space": dict, "scheduler": dict,
     "paper_table": int, "confirm": dict, "columns": list, "seeds_auto": dict, "reuse_workers": bool,
+    "fuse_seeds": (int, str),
 }
 VARIANT_KEYS = {"name": str, "set": dict, "paper": dict, "variant": str}
 PAPER_METRICS = (*CORE_METRICS, *MAP_LEVELS)  # what a row may quote from the paper and a table may show
@@ -36,6 +37,7 @@ CONFIRM_KEYS = {"top": int, "seeds": int}
 SEEDS_AUTO_KEYS = {"target": (int, float), "cap": int}
 SEEDS_AUTO_DEFAULT = {"target": 1.0, "cap": 10}  # --seeds auto: CI half-width (points) and most seeds per row
 CONFIRM_DEFAULT = {"top": 3, "seeds": 3}  # a search's confirmation stage: top-k configs × fresh seeds, with the base
+FUSE_AUTO_MOST = 5  # fuse_seeds auto: at most this many seeds of a row in one trial (on a GPU)
 CONFIRM_BASE = "base"  # that stage's reference row (the search's base configuration), for the run and the report
 
 
@@ -71,6 +73,9 @@ class StudySpec:
     max_concurrent: int = 0  # 0 = as many as resources allow
     max_failures: int = 1  # retries of a failed trial (from its last checkpoint)
     reuse_workers: bool = True  # trials run one after another in the same Ray worker processes (Tune's reuse_actors)
+    # seeds of one row trained together in one trial (vadclip.fused); auto: up to FUSE_AUTO_MOST when a trial has a
+    # GPU, else 1 (on a CPU the fused step costs what the seeds cost apart: docs/speed.md)
+    fuse_seeds: int | str = "auto"
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     base: dict[str, Any] = field(default_factory=dict)
     variants: tuple[Variant, ...] = ()
@@ -87,6 +92,29 @@ class StudySpec:
 
     def text(self) -> str:
         return self.path.read_text()
+
+    def fuse_size(self, fuse_seeds: int | str | None = None) -> int:
+        """How many seeds of a row one trial trains together: `fuse_seeds` (an invocation's override) or the
+        spec's; 1 = every seed its own trial."""
+        value = self.fuse_seeds if fuse_seeds is None else fuse_seeds
+        if value == "auto":
+            return FUSE_AUTO_MOST if self.resources.get("gpu", 0) > 0 else 1
+        return int(value)
+
+
+def seed_groups(seeds: Sequence[int], size: int) -> list[list[int]]:
+    """The seeds of a row in the trials that train them: consecutive groups of `size` (the last may be smaller)."""
+    seeds = list(seeds)
+    return [seeds[i:i + max(size, 1)] for i in range(0, len(seeds), max(size, 1))]
+
+
+def check_fuse_seeds(value: Any, where: str) -> int | str:
+    """`fuse_seeds`: a positive int or auto; SpecError naming `where` otherwise."""
+    if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise SpecError(f"{where}: fuse_seeds must be auto or an integer >= 1 (1 = no fusing), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -236,13 +264,15 @@ def parse(raw: Any, path: Path) -> StudySpec:
     if raw.get("max_concurrent", 0) < 0:
         raise SpecError(f"{where}: max_concurrent must be >= 0 (0 = as many as resources allow), "
                         f"got {raw['max_concurrent']}")
+    fuse_seeds = check_fuse_seeds(raw.get("fuse_seeds", "auto"), where)
     spec = StudySpec(
         name=path.stem, kind=raw["kind"], description=raw["description"], path=path,
         preset=raw.get("preset", "synthetic"), variant=raw.get("variant", "official"),
         metric=raw.get("metric", "auto"), seeds=raw.get("seeds", 3 if raw["kind"] == "ablation" else 1),
         num_samples=raw.get("num_samples", 1),
         max_concurrent=raw.get("max_concurrent", 0), max_failures=raw.get("max_failures", 1),
-        reuse_workers=raw.get("reuse_workers", True), resources={"cpu": 1, "gpu": 0, **resources}, base=base,
+        reuse_workers=raw.get("reuse_workers", True), fuse_seeds=fuse_seeds,
+        resources={"cpu": 1, "gpu": 0, **resources}, base=base,
         variants=tuple(variants),
         full=raw.get("full", names[-1] if names else None), space=space,
         scheduler={"type": "asha", **scheduler}, paper_table=raw.get("paper_table"),
@@ -294,4 +324,4 @@ def apply_trial(base: VadClipConfig, overrides: dict[str, Any]) -> VadClipConfig
 
 
 __all__ = ["SpecError", "StudySpec", "Variant", "Resolved", "available", "load", "parse", "resolve", "apply_trial",
-           "sampled"]
+           "sampled", "seed_groups", "check_fuse_seeds"]

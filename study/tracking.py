@@ -286,26 +286,32 @@ def record_failed_trials(uri: str, experiment_id: str, parent_id: str,
     config as JSON (`tune_config`).
     A FAILED child without an `error` tag gets one. Idempotent. Returns the run ids created."""
     c = client(uri)
-    existing = {run.data.tags.get("trial_id"): run for run in children(uri, experiment_id, parent_id)}
+    existing = {(run.data.tags.get("trial_id"), run.data.tags.get("seed")): run
+                for run in children(uri, experiment_id, parent_id)}
     created = []
     for trial_id, failure in failures.items():
         line = _failure_line(failure)
-        run = existing.get(trial_id)
-        if run is not None:
-            if run.info.status == "FAILED" and ERROR not in run.data.tags:
-                retry(c.set_tag, run.info.run_id, ERROR, line)
-            continue
         own = failure.tags if isinstance(failure, FailedTrial) else {}
         config = failure.params if isinstance(failure, FailedTrial) else {}
-        run_tags = {**(tags or {}), **own, "mlflow.parentRunId": parent_id, "vadclip.role": TRIAL,
-                    "trial_id": trial_id, ERROR: line}
-        if config:  # a tag, not params: a later attempt of the trial logs its full config as params
-            run_tags["tune_config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
-        name = child_run_name(run_tags.get("variant", "search"), run_tags.get("seed", "?"), trial_id,
-                              sampled(config))
-        run_id = retry(c.create_run, experiment_id, run_name=name, tags=run_tags).info.run_id
-        retry(c.set_terminated, run_id, "FAILED")
-        created.append(run_id)
+        seeds: list[str | None] = [str(s) for s in config.get("seeds", [])] or [own.get("seed")]  # fused: a run each
+        for seed in seeds:
+            run = existing.get((trial_id, seed)) or next(
+                (r for (t, _), r in existing.items() if t == trial_id and not config.get("seeds")), None)
+            if run is not None:
+                if run.info.status == "FAILED" and ERROR not in run.data.tags:
+                    retry(c.set_tag, run.info.run_id, ERROR, line)
+                continue
+            run_tags = {**(tags or {}), **own, "mlflow.parentRunId": parent_id, "vadclip.role": TRIAL,
+                        "trial_id": trial_id, ERROR: line}
+            if seed is not None:
+                run_tags["seed"] = seed
+            if config:  # a tag, not params: a later attempt of the trial logs its full config as params
+                run_tags["tune_config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
+            name = child_run_name(run_tags.get("variant", "search"), run_tags.get("seed", "?"), trial_id,
+                                  sampled(config))
+            run_id = retry(c.create_run, experiment_id, run_name=name, tags=run_tags).info.run_id
+            retry(c.set_terminated, run_id, "FAILED")
+            created.append(run_id)
     return created
 
 
@@ -358,10 +364,13 @@ class TrialRun:
     """The child run of one Tune trial; a retried or resumed trial continues the same run."""
 
     def __init__(self, uri: str, experiment_id: str, parent_id: str, trial_id: str, run_name: str,
-                 tags: dict[str, str]):
+                 tags: dict[str, str], fused: bool = False):
+        """`fused`: the trial trains several seeds, one run each, told apart by the `seed` tag of `tags`."""
         self.uri, self.c = uri, client(uri)
-        existing = retry(self.c.search_runs, [experiment_id],
-                         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id = '{trial_id}'")
+        which = f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id = '{trial_id}'"
+        if fused:
+            which += f" and tags.seed = '{tags['seed']}'"
+        existing = retry(self.c.search_runs, [experiment_id], filter_string=which)
         self.tags: dict[str, str] = {}  # the run's tags when it already existed (a retried or resumed trial)
         self.final_logged = False
         self.has_params = False

@@ -14,7 +14,7 @@ import torch
 from ray import tune
 
 from study.plots import score_curves
-from study.reuse import FINGERPRINT_TAG, copy_results, find_reusable, trial_fingerprint
+from study.reuse import FINGERPRINT_TAG, REUSED_FROM_TAG, copy_results, find_reusable, trial_fingerprint
 from study.spec import apply_trial, sampled
 from study.tracking import TrialRun, child_run_name
 from vadclip.bootstrap import (
@@ -29,7 +29,7 @@ from vadclip.config import VadClipConfig, apply_overrides, flatten
 from vadclip.data import VadDataset
 from vadclip.evaluate import branch_scores
 from vadclip.metrics import mlflow_key
-from vadclip.train import CHECKPOINT_LAST, EpochRecord, FitResult, fit, load_checkpoint
+from vadclip.train import CHECKPOINT_LAST, EpochRecord, FitResult, fit, fit_fused, load_checkpoint, seed_folder
 
 
 @dataclass(frozen=True)
@@ -75,74 +75,131 @@ def trial_device(requested: str, gpu_ids: Sequence[str | int], cuda_available: b
     return "cuda" if gpu_ids and cuda_available else "cpu"
 
 
+FUSED_GROUP_TAG = "fused_group"  # the seeds trained together with this one (vadclip.fused), e.g. "234,235,236"
+
+
+@dataclass
+class _SeedRun:
+    """One seed of a trial: its config and its MLflow child run."""
+
+    cfg: VadClipConfig
+    run: TrialRun
+    placement: dict[str, str]
+
+
 def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
+    """One Tune trial: one seed (`seed`), or the seeds of one row trained together (`seeds`, `vadclip.fused`);
+    each seed gets its own child run."""
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
-    cfg, variant = trial_config(params, ctx)
+    fused = "seeds" in params
+    seeds = [int(s) for s in params["seeds"]] if fused else [params["seed"]]
+    configs = [trial_config({**params, "seed": seed}, ctx) for seed in seeds]
+    variant = configs[0][1]
     if ctx.fail_at_epoch.get(variant) == 0:
         raise InjectedFailure(f"injected failure in {variant!r} before its MLflow run exists")
     trial_id = tune.get_context().get_trial_id()
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
-    device = trial_device(cfg.device, gpu_ids, torch.cuda.is_available())
-    run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
-                   run_name=child_run_name(variant, cfg.seed, trial_id, sampled(params)),
-                   tags={**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
-                         "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
-                         "selection_metric": cfg.selection_metric,
-                         "map_protocol": cfg.eval.map_protocol})
-    run.log_params(flatten(cfg))
+    device = trial_device(configs[0][0].device, gpu_ids, torch.cuda.is_available())
     node = ray.get_runtime_context().get_node_id()
-    history = run.tags.get("ray.nodes")  # every attempt of the trial appends the node it runs on
-    placement = {"ray.node_id": node, "ray.nodes": f"{history},{node}" if history else node,
-                 "ray.gpu_ids": ",".join(gpu_ids), "device": device}
-    cfg = apply_overrides(cfg, {"device": device})
-    fingerprint = trial_fingerprint(cfg, ctx.data_fingerprint, ctx.code_digest)
-    placement[FINGERPRINT_TAG] = fingerprint
-    if ctx.reuse and not run.final_logged and (source := find_reusable(ctx.tracking_uri, fingerprint, run.run_id)):
-        run.set_tags(placement)
-        try:
-            reuse_results(run, source, cfg)
-        except BaseException:
-            if run.c.get_run(run.run_id).info.status == "RUNNING":
-                run.end("FAILED")
-            raise
+    group = ",".join(map(str, seeds))
+    members = []
+    for cfg, _ in configs:
+        tags = {**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
+                "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
+                "selection_metric": cfg.selection_metric, "map_protocol": cfg.eval.map_protocol}
+        if fused:
+            tags[FUSED_GROUP_TAG] = group
+        run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
+                       run_name=child_run_name(variant, cfg.seed, trial_id, sampled(params)), tags=tags, fused=fused)
+        run.log_params(flatten(cfg))
+        history = run.tags.get("ray.nodes")  # every attempt of the trial appends the node it runs on
+        cfg = apply_overrides(cfg, {"device": device})
+        placement = {"ray.node_id": node, "ray.nodes": f"{history},{node}" if history else node,
+                     "ray.gpu_ids": ",".join(gpu_ids), "device": device,
+                     FINGERPRINT_TAG: trial_fingerprint(cfg, ctx.data_fingerprint, ctx.code_digest,
+                                                        seeds if fused else ())}
+        members.append(_SeedRun(cfg, run, placement))
+    reports, training = [], []
+    for member in members:  # a seed identical to a FINISHED run is copied, not trained (once copied, it stays so)
+        run = member.run
+        source = (ctx.reuse and not run.final_logged
+                  and find_reusable(ctx.tracking_uri, member.placement[FINGERPRINT_TAG], run.run_id))
+        if source or REUSED_FROM_TAG in run.tags:
+            run.set_tags(member.placement)
+            if source:
+                try:
+                    reports.append(reuse_results(run, source, member.cfg))
+                except BaseException:
+                    if run.c.get_run(run.run_id).info.status == "RUNNING":
+                        run.end("FAILED")
+                    raise
+            else:
+                run.end("FINISHED")
+        else:
+            training.append(member)
+    if not training:
+        tune.report({**_mean(reports), "reused": 1})
         return
+    _train(training, fused, variant, data, ctx)
+
+
+def _mean(reports: list[dict[str, float]]) -> dict[str, float]:
+    """What a trial of several seeds reports to Tune: each metric's mean over its seeds."""
+    keys = {k for r in reports for k in r}
+    return {k: float(sum(r[k] for r in reports if k in r) / sum(k in r for r in reports)) for k in keys}
+
+
+def _train(members: list[_SeedRun], fused: bool, variant: str, data: VadDataset, ctx: TrialContext) -> None:
+    """Train the seeds (from the trial's checkpoint on a retry or resume), log each seed's run, report to Tune."""
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         resume = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="vadclip-restore-")))
-        restored = load_checkpoint(resume / CHECKPOINT_LAST)
-        placement["restored_from_epoch"] = str(restored["epoch"])
-        run.backfill(restored["history"], restored.get("evaluations", []))
-    else:
-        run.delete_tag("restored_from_epoch")  # an earlier attempt's; this one starts from scratch
-    run.set_tags(placement)
+    for member in members:
+        run, placement = member.run, member.placement
+        if resume is not None:
+            restored = load_checkpoint((seed_folder(resume, member.cfg.seed) if fused else resume) / CHECKPOINT_LAST)
+            placement["restored_from_epoch"] = str(restored["epoch"])
+            run.backfill(restored["history"], restored.get("evaluations", []))
+        else:
+            run.delete_tag("restored_from_epoch")  # an earlier attempt's; this one starts from scratch
+        run.set_tags(placement)
+    runs = [m.run for m in members]
     out_dir = Path(tempfile.mkdtemp(prefix="vadclip-trial-"))
     reporting = False  # Tune stops a trial by raising inside tune.report (the scheduler, or a Ctrl-C on the driver)
 
-    def on_epoch(record: EpochRecord) -> None:
-        if ctx.fail_at_epoch.get(variant) == record.epoch:
-            raise InjectedFailure(f"injected failure in {variant!r} at epoch {record.epoch}")
-        run.log_epoch(record.epoch, record.metrics, record.evaluations)
-        metrics = {mlflow_key(k): v for k, v in record.metrics.items()}
+    def on_epoch(records: list[EpochRecord]) -> None:
+        if ctx.fail_at_epoch.get(variant) == records[0].epoch:
+            raise InjectedFailure(f"injected failure in {variant!r} at epoch {records[0].epoch}")
+        for run, record in zip(runs, records):
+            run.log_epoch(record.epoch, record.metrics, record.evaluations)
+        metrics = _mean([{mlflow_key(k): v for k, v in r.metrics.items()} for r in records])
         nonlocal reporting
         reporting = True
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(record.out_dir)))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out_dir)))
         reporting = False
 
+    cfgs = [m.cfg for m in members]
     try:
-        result = fit(cfg, data, out_dir=out_dir, callbacks=[on_epoch], resume=resume, progress=False)
-        # test metrics of the selected checkpoint, and its validation metrics (what a search ranks by)
-        run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"],
-                       **{f"val/{k}": v for k, v in result.metrics["val"].items()},
-                       FIT_SECONDS: result.seconds},
-                      step=int(result.history[-1]["step"]) if result.history else 0)
-        log_results(run, result, data, cfg, out_dir)
-        run.end("FINISHED")
-    except BaseException:
-        if reporting:  # stopped, not failed; the driver tags why (stopped_early or interrupted), it alone knows
-            run.end("KILLED")
+        if fused:
+            results = fit_fused(cfgs, data, out_dir=out_dir, callbacks=[on_epoch], resume=resume, progress=False)
         else:
-            run.end("FAILED")  # a retry sets it RUNNING again and continues the same run
+            results = [fit(cfgs[0], data, out_dir=out_dir, callbacks=[lambda r: on_epoch([r])], resume=resume,
+                           progress=False)]
+        for run, result, cfg in zip(runs, results, cfgs):
+            # test metrics of the selected checkpoint, and its validation metrics (what a search ranks by)
+            run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"],
+                           **{f"val/{k}": v for k, v in result.metrics["val"].items()},
+                           FIT_SECONDS: result.seconds},
+                          step=int(result.history[-1]["step"]) if result.history else 0)
+            log_results(run, result, data, cfg, result.out_dir)
+            run.end("FINISHED")
+    except BaseException:
+        for run in runs:
+            if run.c.get_run(run.run_id).info.status != "RUNNING":
+                continue  # ended already (a seed of the group logged before another one failed)
+            # stopped, not failed; the driver tags why (stopped_early or interrupted), it alone knows
+            run.end("KILLED" if reporting else "FAILED")  # a retry sets it RUNNING again and continues the run
         raise
 
 
@@ -167,13 +224,13 @@ def log_results(run: TrialRun, result: FitResult, data: VadDataset, cfg: VadClip
                                   cfg.eval.max_plot_videos))
 
 
-def reuse_results(run: TrialRun, source: str, cfg: VadClipConfig) -> None:
-    """A trial identical to the FINISHED run `source` (same config, data and code): its results are copied
-    (histories, final metrics, artifacts; tag `reused_from`) and reported to Tune once, instead of training."""
+def reuse_results(run: TrialRun, source: str, cfg: VadClipConfig) -> dict[str, float]:
+    """A seed identical to the FINISHED run `source` (same config, data and code): its results are copied
+    (histories, final metrics, artifacts; tag `reused_from`) instead of training; returns what to report to Tune."""
     copy_results(run.uri, source, run.run_id)
     metrics = run.c.get_run(run.run_id).data.metrics
     split = "val/" if cfg.eval.selection == "val" else ""
     report = {mlflow_key(f"{cfg.eval.selection}/{k[len('final/' + split):]}"): v for k, v in metrics.items()
               if k.startswith(f"final/{split}") and "/" not in k[len(f"final/{split}"):]}
     run.end("FINISHED")
-    tune.report({**report, "reused": 1})
+    return report

@@ -26,6 +26,7 @@ from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dat
 from vadclip.device import resolve_device
 from vadclip.errors import VadClipError
 from vadclip.evaluate import Evaluation, Predictions, evaluate
+from vadclip.fused import SeedStack
 from vadclip.io import atomic_write, atomic_write_text
 from vadclip.losses import total_loss
 from vadclip.metrics import FRACTIONS, MAP_LEVELS
@@ -57,6 +58,7 @@ class FitResult:
 
 
 Callback = Callable[[EpochRecord], None]
+GroupCallback = Callable[[list[EpochRecord]], None]  # fit_fused: the records of every seed of one epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -159,98 +161,169 @@ class BestCheckpoint:
         atomic_save({"model": self.state, "epoch": epoch, "config": flatten(self.cfg)}, self.path)
 
 
-class _Trainer:
-    """The model, its optimiser and schedule, and the data of one `fit`."""
+@dataclass
+class _Member:
+    """One seed of a fit: its config, its model (whose trainable weights are its slice when seeds are fused), its
+    best checkpoint and its output folder."""
 
-    def __init__(self, cfg: VadClipConfig, data: VadDataset, device: torch.device, out_dir: Path) -> None:
-        self.cfg, self.data, self.device = cfg, data, device
-        self.model = make_model(cfg, data, device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    cfg: VadClipConfig
+    model: VadCLIP
+    best: BestCheckpoint
+    out_dir: Path
+
+    def evaluate(self, split: str, data: VadDataset, device: torch.device) -> tuple[dict[str, float],
+                                                                                  Evaluation | None]:
+        return _evaluate_split(self.model, data, split, self.cfg, device)
+
+    def evaluate_both(self, data: VadDataset, device: torch.device) -> dict[str, float]:
+        """One evaluation on the validation and the test split: what the histories hold, from which every
+        selection protocol (best on val, best on test, last) can be derived afterwards."""
+        return {**self.evaluate("val", data, device)[0], **self.evaluate("test", data, device)[0]}
+
+
+class _Trainer:
+    """The models, the optimiser and schedule, and the data of one `fit`: one seed, or the k seeds of one
+    configuration fused into one vectorised model (`vadclip.fused.SeedStack`)."""
+
+    def __init__(self, cfgs: Sequence[VadClipConfig], data: VadDataset, device: torch.device,
+                 out_dirs: Sequence[Path]) -> None:
+        self.cfg, self.data, self.device = cfgs[0], data, device
+        models = []
+        for cfg in cfgs:
+            if len(cfgs) > 1:  # as `fit` seeds a lone seed before building its model
+                seed_everything(cfg.seed)
+            models.append(make_model(cfg, data, device))
+        self.stack = SeedStack(models, self.cfg.loss) if len(models) > 1 else None
+        self.members = [_Member(cfg, model, BestCheckpoint(model, cfg, out / CHECKPOINT_BEST), out)
+                        for cfg, model, out in zip(cfgs, models, out_dirs)]
+        params = (self.stack.trainable if self.stack is not None
+                  else [p for p in models[0].parameters() if p.requires_grad])
+        cfg = self.cfg
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.optim.milestones),
                                                               cfg.optim.gamma)
-        self.best = BestCheckpoint(self.model, cfg, out_dir / CHECKPOINT_BEST)
 
-    def evaluate(self, split: str) -> tuple[dict[str, float], Evaluation | None]:
-        return _evaluate_split(self.model, self.data, split, self.cfg, self.device)
+    def resume(self, folders: Sequence[Path | str]) -> tuple[int, list[list[dict[str, float]]],
+                                                             list[list[dict[str, float]]]]:
+        """Restore weights, optimiser, schedule and best checkpoint of every seed (one checkpoint each); returns
+        the epochs done, and per seed the history and the step-wise evaluations."""
+        epochs, histories, evaluations, states = set(), [], [], []
+        for member, resume in zip(self.members, folders):
+            ckpt = load_checkpoint(resume, self.device, required=("model", "optimizer", "scheduler", "epoch",
+                                                                  "best_score", "best_epoch", "history"))
+            load_weights(member.model, ckpt["model"])
+            states.append(ckpt["optimizer"])
+            member.best.score, member.best.epoch = ckpt["best_score"], ckpt["best_epoch"]
+            folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+            if (folder / CHECKPOINT_BEST).is_file():  # else the best stays the untrained weights
+                member.best.state = load_checkpoint(folder / CHECKPOINT_BEST, self.device)["model"]
+            epochs.add(ckpt["epoch"])
+            histories.append(list(ckpt["history"]))
+            evaluations.append(list(ckpt.get("evaluations", [])))
+            scheduler = ckpt["scheduler"]
+        if len(epochs) != 1:
+            raise CheckpointError(f"{', '.join(map(str, folders))}: the fused seeds' checkpoints are at different "
+                                  f"epochs {sorted(epochs)}; expected one checkpoint of the whole group")
+        if self.stack is None:
+            self.optimizer.load_state_dict(states[0])
+        else:
+            self.stack.load_optimizer_states(self.optimizer, states)
+        self.scheduler.load_state_dict(scheduler)
+        return epochs.pop(), histories, evaluations
 
-    def evaluate_both(self) -> dict[str, float]:
-        """One evaluation on the validation and the test split: what the histories hold, from which every
-        selection protocol (best on val, best on test, last) can be derived afterwards."""
-        return {**self.evaluate("val")[0], **self.evaluate("test")[0]}
-
-    def resume(self, resume: str | Path) -> tuple[int, list[dict[str, float]], list[dict[str, float]]]:
-        """Restore weights, optimiser, schedule and best checkpoint; returns the epochs done, the history and
-        the step-wise evaluations."""
-        ckpt = load_checkpoint(resume, self.device, required=("model", "optimizer", "scheduler", "epoch",
-                                                              "best_score", "best_epoch", "history"))
-        load_weights(self.model, ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.best.score, self.best.epoch = ckpt["best_score"], ckpt["best_epoch"]
-        folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        if (folder / CHECKPOINT_BEST).is_file():  # else the best stays the untrained weights
-            self.best.state = load_checkpoint(folder / CHECKPOINT_BEST, self.device)["model"]
-        return ckpt["epoch"], list(ckpt["history"]), list(ckpt.get("evaluations", []))
-
-    def train_epoch(self, epoch: int, first_step: int, progress: bool) -> tuple[dict[str, float], bool,
-                                                                            list[dict[str, float]]]:
-        """One epoch of steps, then the schedule step: the mean loss terms, seconds, lr and the global `step`
-        (optimisation steps so far, counted from `first_step`), whether a step-wise evaluation improved the best
-        checkpoint, and those evaluations (val and test metrics at their global step)."""
-        cfg, data, model = self.cfg, self.data, self.model
-        model.train()
-        rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: resume replays it exactly
-        batches = epoch_batches(data.train_labels[:, 0] > 0.5, cfg.optim.batch_size, cfg.optim.sampler, rng)
-        if cfg.optim.max_steps_per_epoch:  # the first steps of the same permutation: a prefix of the full epoch
-            batches = batches[:cfg.optim.max_steps_per_epoch]
-        sums: dict[str, float] = {}
-        improved, every, evaluations = False, cfg.eval.eval_every_steps, []
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
-        t0 = time.perf_counter()
-        for step, idx in enumerate(bar, start=1):
+    def _step(self, batches: list[list[np.ndarray]], step: int) -> list[dict[str, torch.Tensor]]:
+        """One optimisation step of every seed on its own batch; each seed's loss terms."""
+        cfg, data, device = self.cfg, self.data, self.device
+        xs, ns, ys = [], [], []
+        for seed_batches in batches:
+            idx = seed_batches[step]
             feats, lengths = collate(data.train, idx, cfg.model.visual_length)
-            x, n = torch.from_numpy(feats).to(self.device), torch.from_numpy(lengths).to(self.device)
-            y = torch.from_numpy(data.train_labels[idx]).to(self.device)
-            terms = total_loss(model(x, n), n, y, cfg.loss)
-            self.optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            self.optimizer.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
+            xs.append(torch.from_numpy(feats).to(device))
+            ns.append(torch.from_numpy(lengths).to(device))
+            ys.append(torch.from_numpy(data.train_labels[idx]).to(device))
+        if self.stack is None:
+            terms = total_loss(self.members[0].model(xs[0], ns[0]), ns[0], ys[0], cfg.loss)
+            loss = terms["loss"]
+            per_seed = [terms]
+        else:  # the sum of the seeds' losses: each slice's gradient is its own seed's
+            fused = self.stack.losses(torch.stack(xs), torch.stack(ns), torch.stack(ys))
+            loss = fused["loss"].sum()
+            per_seed = [{k: v[i] for k, v in fused.items()} for i in range(len(self.members))]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return per_seed
+
+    def train_epoch(self, epoch: int, first_step: int, progress: bool) -> tuple[list[dict[str, float]], list[bool],
+                                                                            list[list[dict[str, float]]]]:
+        """One epoch of steps, then the schedule step. Per seed: the mean loss terms, seconds, lr and the global
+        `step` (optimisation steps so far, counted from `first_step`), whether a step-wise evaluation improved its
+        best checkpoint, and those evaluations (val and test metrics at their global step)."""
+        cfg, data, members = self.cfg, self.data, self.members
+        for member in members:
+            member.model.train()
+        batches = []
+        for member in members:
+            rng = np.random.default_rng([member.cfg.seed, epoch])  # per-epoch stream: resume replays it exactly
+            seed_batches = epoch_batches(data.train_labels[:, 0] > 0.5, cfg.optim.batch_size, cfg.optim.sampler, rng)
+            if cfg.optim.max_steps_per_epoch:  # the first steps of the same permutation: a prefix of the full epoch
+                seed_batches = seed_batches[:cfg.optim.max_steps_per_epoch]
+            batches.append(seed_batches)
+        steps = len(batches[0])
+        sums: list[dict[str, float]] = [{} for _ in members]
+        improved = [False] * len(members)
+        every = cfg.eval.eval_every_steps
+        evaluations: list[list[dict[str, float]]] = [[] for _ in members]
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        for step in bar:
+            per_seed = self._step(batches, step)
+            for i, terms in enumerate(per_seed):
+                for k, v in terms.items():
+                    sums[i][k] = sums[i].get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{per_seed[0]['loss'].item():.4f}")
             # the epoch-end evaluation follows the last step with the same weights: not evaluated twice
-            if every and step % every == 0 and step < len(batches):
-                metrics = self.evaluate_both()
-                evaluations.append({"epoch": epoch + 1, "step": first_step + step, **metrics})
-                improved = self.best.consider(_selection_score(metrics, cfg), epoch + 1) or improved
-                model.train()
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                for i, member in enumerate(members):
+                    metrics = member.evaluate_both(data, self.device)
+                    evaluations[i].append({"epoch": epoch + 1, "step": first_step + step + 1, **metrics})
+                    improved[i] = member.best.consider(_selection_score(metrics, cfg), epoch + 1) or improved[i]
+                    member.model.train()
         self.scheduler.step()
-        record = {f"train/{k}": v / max(len(batches), 1) for k, v in sums.items()}
-        record["train/seconds"] = time.perf_counter() - t0
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
-        record["step"] = first_step + len(batches)
-        return record, improved, evaluations
+        seconds = time.perf_counter() - t0
+        records = []
+        for i in range(len(members)):
+            record = {f"train/{k}": v / max(steps, 1) for k, v in sums[i].items()}
+            record["train/seconds"] = seconds
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            record["step"] = first_step + steps
+            records.append(record)
+        return records, improved, evaluations
 
-    def save_last(self, epoch: int, history: list[dict[str, float]], evaluations: list[dict[str, float]],
-                  path: Path) -> None:
-        atomic_save({"model": self.model.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": self.best.score,
-                     "best_epoch": self.best.epoch, "history": history, "evaluations": evaluations,
-                     "config": flatten(self.cfg)}, path)
+    def save_last(self, i: int, epoch: int, history: list[dict[str, float]], evaluations: list[dict[str, float]],
+                  ) -> None:
+        """Seed i's last.pt: a single seed's checkpoint also when fused (its slice of the optimiser's state)."""
+        member = self.members[i]
+        optimizer = (self.optimizer.state_dict() if self.stack is None
+                     else self.stack.seed_optimizer_state(self.optimizer, i))
+        atomic_save({"model": member.model.trainable_state_dict(), "optimizer": optimizer,
+                     "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": member.best.score,
+                     "best_epoch": member.best.epoch, "history": history, "evaluations": evaluations,
+                     "config": flatten(member.cfg)}, member.out_dir / CHECKPOINT_LAST)
 
-    def final_metrics(self) -> tuple[dict[str, Any], Predictions | None]:
-        """The best checkpoint re-evaluated: what metrics.json holds, and its test predictions."""
-        load_weights(self.model, self.best.state)
-        test_metrics, test = self.evaluate("test")
-        val_metrics, _ = self.evaluate("val")
-        cfg = self.cfg
+    def final_metrics(self, i: int) -> tuple[dict[str, Any], Predictions | None]:
+        """Seed i's best checkpoint re-evaluated: what metrics.json holds, and its test predictions."""
+        member = self.members[i]
+        load_weights(member.model, member.best.state)
+        test_metrics, test = member.evaluate("test", self.data, self.device)
+        val_metrics, _ = member.evaluate("val", self.data, self.device)
+        cfg = member.cfg
         return {
             "selection": cfg.eval.selection,
             "selection_metric": cfg.selection_metric,
             "score_branch": cfg.score_branch,
             "map_protocol": cfg.eval.map_protocol,
-            "best_epoch": self.best.epoch,
+            "best_epoch": member.best.epoch,
             "test": {k.split("/", 1)[1]: v for k, v in test_metrics.items()},
             "val": {k.split("/", 1)[1]: v for k, v in val_metrics.items()},
             "test_branch": None if test is None else test.branch,  # the branch the unprefixed test metrics are
@@ -266,38 +339,103 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
     `config.json` and, at the end, `metrics.json` (the best checkpoint re-evaluated on test).
     `resume`: a checkpoint file or a folder holding last.pt and best.pt.
     """
+    check_selection(cfg)
+    seed_everything(cfg.seed)
+    data = data if data is not None else load_dataset(cfg)
+    def each(records: list[EpochRecord]) -> None:
+        for callback in callbacks:
+            callback(records[0])
+
+    (result,) = _fit([cfg], data, [Path(out_dir)], [each], None if resume is None else [resume], progress)
+    return result
+
+
+FUSED_RECOMPUTE = ("optim.recompute_activations=true cannot train fused seeds: torch.utils.checkpoint does not run "
+                   "under torch.func.vmap; fuse 1 seed per trial (fuse_seeds: 1) or keep the activations")
+
+
+def seed_folder(out_dir: str | Path, seed: int) -> Path:
+    """Where `fit_fused` writes one seed's files (and where a resumed group finds them)."""
+    return Path(out_dir) / f"seed-{seed}"
+
+
+def fit_fused(cfgs: Sequence[VadClipConfig], data: VadDataset | None = None, *, out_dir: str | Path,
+              callbacks: Sequence[GroupCallback] = (), resume: str | Path | None = None,
+              progress: bool = True) -> list[FitResult]:
+    """`fit` for the seeds of one configuration at once, as one vectorised model (`vadclip.fused`): each seed
+    has its own initialisation, batch order, evaluations, best checkpoint and files (`seed_folder(out_dir, seed)`,
+    the same files as `fit` writes). `callbacks` get the seeds' records of an epoch together. `resume`: a folder
+    holding the seeds' folders. One config gives `fit`'s path (and numbers) exactly.
+    """
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ConfigError("fit_fused: no configs")
+    seeds = [c.seed for c in cfgs]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"fit_fused: seeds {seeds} repeat; each fused seed needs its own")
+    reference = {k: v for k, v in flatten(cfgs[0]).items() if k != "seed"}
+    for cfg in cfgs[1:]:
+        differ = sorted(k for k, v in flatten(cfg).items() if k != "seed" and reference.get(k) != v)
+        if differ:
+            raise ConfigError(f"fit_fused: seed {cfg.seed}'s config differs from seed {seeds[0]}'s in "
+                              f"{', '.join(differ)}; fused seeds share everything but the seed")
+    check_selection(cfgs[0])
+    if len(cfgs) > 1 and cfgs[0].optim.recompute_activations:
+        raise ConfigError(FUSED_RECOMPUTE)
+    seed_everything(cfgs[0].seed)
+    data = data if data is not None else load_dataset(cfgs[0])
+    folders = [seed_folder(out_dir, s) for s in seeds]
+    return _fit(cfgs, data, folders, callbacks, None if resume is None else [seed_folder(resume, s) for s in seeds],
+                progress)
+
+
+def check_selection(cfg: VadClipConfig) -> None:
     if cfg.eval.selection == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError("eval.selection='val' needs data.val_fraction > 0 (or use selection 'test')")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = data if data is not None else load_dataset(cfg)
-    trainer = _Trainer(cfg, data, device, out_dir)
-    start_epoch, history, evaluations = trainer.resume(resume) if resume is not None else (0, [], [])
-    atomic_write_text(json.dumps(flatten(cfg), indent=1, default=list), out_dir / "config.json")
-    if resume is None:
-        trainer.best.save(0)  # untrained weights until a first evaluation beats them
+
+
+def _fit(cfgs: Sequence[VadClipConfig], data: VadDataset, out_dirs: Sequence[Path], callbacks: Sequence[GroupCallback],
+         resume: Sequence[str | Path] | None, progress: bool) -> list[FitResult]:
+    """The loop of `fit` and `fit_fused`: one seed, or k seeds stepping together."""
+    for out in out_dirs:
+        out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfgs[0].device)
+    trainer = _Trainer(cfgs, data, device, out_dirs)
+    members, k = trainer.members, len(cfgs)
+    if resume is not None:
+        start_epoch, histories, evaluations = trainer.resume(resume)
+    else:
+        start_epoch, histories, evaluations = 0, [[] for _ in members], [[] for _ in members]
+    for member in members:
+        atomic_write_text(json.dumps(flatten(member.cfg), indent=1, default=list), member.out_dir / "config.json")
+        if resume is None:
+            member.best.save(0)  # untrained weights until a first evaluation beats them
     started, in_callbacks = time.perf_counter(), 0.0
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        first_step = int(history[-1].get("step", 0)) if history else 0
-        record, improved, stepwise = trainer.train_epoch(epoch, first_step, progress)
-        record.update(trainer.evaluate_both())
-        improved = trainer.best.consider(_selection_score(record, cfg), epoch + 1) or improved
-        if cfg.eval.reload_best:  # the authors continue each epoch from the best weights so far
-            load_weights(trainer.model, trainer.best.state)
-        record["epoch"] = epoch + 1
-        history.append(record)
-        evaluations += stepwise
-        trainer.save_last(epoch + 1, history, evaluations, out_dir / CHECKPOINT_LAST)
+    for epoch in range(start_epoch, cfgs[0].optim.epochs):
+        first_step = int(histories[0][-1].get("step", 0)) if histories[0] else 0
+        records, improved, stepwise = trainer.train_epoch(epoch, first_step, progress)
+        epoch_records = []
+        for i, member in enumerate(members):
+            record = records[i]
+            record.update(member.evaluate_both(data, device))
+            improved[i] = member.best.consider(_selection_score(record, member.cfg), epoch + 1) or improved[i]
+            if member.cfg.eval.reload_best:  # the authors continue each epoch from the best weights so far
+                load_weights(member.model, member.best.state)
+            record["epoch"] = epoch + 1
+            histories[i].append(record)
+            evaluations[i] += stepwise[i]
+            trainer.save_last(i, epoch + 1, histories[i], evaluations[i])
+            epoch_records.append(EpochRecord(epoch + 1, record, improved[i], member.out_dir, stepwise[i]))
         called = time.perf_counter()
         for callback in callbacks:
-            callback(EpochRecord(epoch + 1, record, improved, out_dir, stepwise))
+            callback(epoch_records)
         in_callbacks += time.perf_counter() - called
-    result, preds = trainer.final_metrics()
-    atomic_write_text(json.dumps(result, indent=1, allow_nan=True), out_dir / "metrics.json")
-    seconds = time.perf_counter() - started - in_callbacks
-    return FitResult(result, history, out_dir, preds, trainer.model, evaluations, seconds)
+    finals = [trainer.final_metrics(i) for i in range(k)]
+    for member, (result, _) in zip(members, finals):
+        atomic_write_text(json.dumps(result, indent=1, allow_nan=True), member.out_dir / "metrics.json")
+    seconds = (time.perf_counter() - started - in_callbacks) / k  # a fused seed's share
+    return [FitResult(result, histories[i], members[i].out_dir, preds, members[i].model, evaluations[i], seconds)
+            for i, (result, preds) in enumerate(finals)]
 
 
 # ---------------------------------------------------------------- CLI

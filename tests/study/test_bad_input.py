@@ -208,3 +208,21 @@ def test_train_out_does_not_overwrite_an_earlier_run(tmp_path, capsys):
     (out / "metrics.json").write_text("{}")
     assert train_main(["--out", str(out), "--epochs", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["ablation_lgt", "--fuse-seeds", "0"], "--fuse-seeds: fuse_seeds must be auto or an integer >= 1"),
+    (["ablation_lgt", "--fuse-seeds", "3", "--set", "optim.recompute_activations=true"],
+     "recompute_activations=true cannot train fused seeds"),
+])
+def test_bad_fuse_seeds_is_refused_before_anything_starts(argv, needle, tmp_path, monkeypatch, capsys):
+    assert needle in run(argv, tmp_path, monkeypatch, capsys)
+
+
+def test_fuse_seeds_in_a_yaml_is_checked_and_auto_fuses_only_gpu_trials(tmp_path):
+    body = "kind: ablation\ndescription: d\nvariants: [{name: a, set: {model.temporal: none}}]\n"
+    message = spec_error(tmp_path, body + "fuse_seeds: two\n")
+    assert "bad.yaml: fuse_seeds must be auto or an integer >= 1 (1 = no fusing), got 'two'" in message
+    assert load(write(tmp_path, body)).fuse_size() == 1  # a CPU trial: each seed its own
+    assert load(write(tmp_path, body + "resources: {cpu: 1, gpu: 0.5}\n")).fuse_size() == 5
+    assert load(write(tmp_path, body + "fuse_seeds: 3\n")).fuse_size() == 3

@@ -181,7 +181,9 @@ def cluster() -> Iterator[tuple]:
 
 
 @pytest.mark.timeout(420)
-def test_worker_node_killed_mid_study_trials_resume_elsewhere(tmp_path, cluster):
+def test_worker_node_killed_mid_study_fused_trials_resume_elsewhere(tmp_path, cluster):
+    """GPU trials fuse the seeds of a row (fuse_seeds auto): two trials of two seeds each; the trial on the killed
+    node restores both of its seeds from its one checkpoint on another node."""
     c, workers, node_args = cluster
     spec_path = study_yaml(tmp_path, NAME, EPOCHS, resources={"cpu": 1, "gpu": 0.5})
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -228,17 +230,20 @@ def test_worker_node_killed_mid_study_trials_resume_elsewhere(tmp_path, cluster)
     assert proc.returncode == 0, tail(tmp_path)
 
     runs = trial_runs(uri, NAME)
-    by_trial = {r.data.tags["trial_id"]: r for r in runs}
-    assert len(runs) == 4 and len(by_trial) == 4, "one child run per trial"
+    by_seed = {(r.data.tags["trial_id"], r.data.tags["seed"]): r for r in runs}
+    assert len(runs) == 4 and len(by_seed) == 4 and len({t for t, _ in by_seed}) == 2, "a child run per seed"
+    assert {r.data.tags["fused_group"] for r in runs} == {"234,235"}
     assert {r.info.status for r in runs} == {"FINISHED"}
     device = "cuda" if torch.cuda.is_available() else "cpu"  # `auto` on the GPU Ray assigned (none here: cpu)
     assert {(r.data.tags["ray.gpu_ids"], r.data.tags["device"]) for r in runs} == {("0", device)}
     for trial, epoch in killed_at.items():
-        tags = by_trial[trial].data.tags
-        nodes = tags["ray.nodes"].split(",")
-        assert victim.node_id in nodes and tags["ray.node_id"] != victim.node_id, nodes
-        assert tags["ray.node_id"] in {*worker_ids, replacement.node_id}
-        assert 1 <= int(tags["restored_from_epoch"]) <= epoch, (tags.get("restored_from_epoch"), epoch)
+        group = [r.data.tags for r in runs if r.data.tags["trial_id"] == trial]
+        assert len(group) == 2  # both seeds of the killed trial restored
+        for tags in group:
+            nodes = tags["ray.nodes"].split(",")
+            assert victim.node_id in nodes and tags["ray.node_id"] != victim.node_id, nodes
+            assert tags["ray.node_id"] in {*worker_ids, replacement.node_id}
+            assert 1 <= int(tags["restored_from_epoch"]) <= epoch, (tags.get("restored_from_epoch"), epoch)
     for run in runs:  # a trial the kill did not touch ran on one node from start to end
         if victim.node_id not in run.data.tags["ray.nodes"]:
             assert "," not in run.data.tags["ray.nodes"] and "restored_from_epoch" not in run.data.tags

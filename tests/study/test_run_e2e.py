@@ -222,3 +222,50 @@ def test_failure_after_the_parent_exists_marks_it_failed_and_keeps_the_resume_po
     exp = mlflow.get_experiment_by_name("tiny_broken")
     parents = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'parent'")
     assert list(parents["status"]) == ["FAILED"]
+
+
+def test_fused_study_has_the_unfused_rows_runs_and_params(tmp_path, ray_local):
+    """fuse_seeds 2: one Tune trial trains both seeds of a row, each seed still its own child run with the same
+    params, tags and artifacts as an unfused trial (plus `fused_group`); the report has the same rows and n."""
+    from study.trainable import FUSED_GROUP_TAG
+
+    for folder in ("plain", "fused"):
+        (tmp_path / folder).mkdir()
+    plain = run_study(str(tiny_spec(tmp_path / "plain", "tiny_unfused")),
+                      RunOptions(max_epochs=2, project=tmp_path / "plain", verbose=0, fuse_seeds=1, reuse=False))
+    fused = run_study(str(tiny_spec(tmp_path / "fused", "tiny_fused")),
+                      RunOptions(max_epochs=2, project=tmp_path / "fused", verbose=0, fuse_seeds=2, reuse=False))
+    a = children(plain["tracking_uri"], "tiny_unfused", plain["parent_run_id"])
+    b = children(fused["tracking_uri"], "tiny_fused", fused["parent_run_id"])
+    assert len(a) == len(b) == 4 and set(b["status"]) == {"FINISHED"}
+    assert b["tags.trial_id"].nunique() == 2 and set(b[f"tags.{FUSED_GROUP_TAG}"]) == {"234,235"}
+    assert FUSED_GROUP_TAG not in {c[len("tags."):] for c in a.columns if c.startswith("tags.")}
+    for column in ("params", "metrics"):  # the same params (values too, but for the seed) and metrics
+        assert {c for c in a.columns if c.startswith(column)} == {c for c in b.columns if c.startswith(column)}
+    params = [c for c in a.columns if c.startswith("params.")]
+    key = ["tags.variant", "tags.seed"]
+    assert a.sort_values(key)[params].values.tolist() == b.sort_values(key)[params].values.tolist()
+    client = mlflow.tracking.MlflowClient(fused["tracking_uri"])
+    for run_id in b["run_id"]:
+        names = {f.path for f in client.list_artifacts(run_id)}
+        assert {"config.json", "metrics.json", "history.json", "scores.png"} <= names
+        assert len(client.get_metric_history(run_id, "epoch")) == 2
+    t1, t2 = plain["report"].table, fused["report"].table
+    assert list(t1.index) == list(t2.index) and list(t1["ap_n"]) == list(t2["ap_n"]) == [2, 2]
+    # the fused seeds follow the lone ones; after two epochs they differ only by rounding drift
+    np.testing.assert_allclose(a.sort_values(key)["metrics.train/loss"], b.sort_values(key)["metrics.train/loss"],
+                               rtol=1e-2)
+
+
+def test_fused_trial_failing_fails_every_seed_of_its_group(tmp_path, ray_local):
+    spec_path = tiny_spec(tmp_path, "tiny_fused_failure")
+    out = run_study(str(spec_path), RunOptions(max_epochs=1, project=tmp_path, verbose=0, fuse_seeds=2,
+                                               fail_at_epoch={"none": 1}))
+    assert out["failed"] == 1
+    runs = children(out["tracking_uri"], "tiny_fused_failure", out["parent_run_id"])
+    assert len(runs) == 4  # the retry continued both seeds' runs, no duplicate
+    status = {(v, s): st for v, s, st in zip(runs["tags.variant"], runs["tags.seed"], runs["status"])}
+    assert status == {("none", "234"): "FAILED", ("none", "235"): "FAILED",
+                      ("LGT", "234"): "FINISHED", ("LGT", "235"): "FINISHED"}
+    assert runs[runs["status"] == "FAILED"]["tags.error"].str.contains("injected failure").all()
+    assert out["report"].table.loc["none", "failed"] == 2

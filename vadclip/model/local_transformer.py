@@ -38,6 +38,7 @@ class TemporalTransformer(nn.Module):
 
     attn_mask: torch.Tensor | None  # buffer; None without a window
     recompute = False  # optim.recompute_activations: each block's activations recomputed in the backward pass
+    share_blank_windows = True  # off under torch.func.vmap (fused seeds): the sharing has data-dependent shapes
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: int, length: int,
                  window: int | None = None, overlap: bool = False, windows_as_batch: bool = True):
@@ -58,7 +59,7 @@ class TemporalTransformer(nn.Module):
             # Exact: with block-diagonal attention and position-wise LN/MLP, every layer keeps each
             # window to itself, so the windows run as a batch of short sequences without a mask.
             windows = x.reshape(b * length // w, w, d)
-            if blank_frames is None:
+            if blank_frames is None or not self.share_blank_windows:
                 out = self._run(windows)
             else:
                 out = self._run_sharing_blank_windows(windows, blank_frames.reshape(-1, w).all(-1), length // w)
