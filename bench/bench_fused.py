@@ -21,15 +21,17 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vadclip.config import apply_overrides, preset
-from vadclip.data import collate, epoch_batches, load_dataset
+from vadclip.data import collate, load_dataset
 from vadclip.fused import SeedStack
 from vadclip.losses import total_loss
+from vadclip.model.clip import ClipWeightsWarning
 from vadclip.train import make_model, seed_everything
 
 SEED = 234
@@ -50,9 +52,9 @@ def _models(cfg, data, k: int, device: torch.device) -> list:
 
 
 def _batch(cfg, data, seed: int, step: int, device: torch.device, scale: int = 1):
-    batches = epoch_batches(data.train_labels[:, 0] > 0.5, cfg.optim.batch_size * scale, cfg.optim.sampler,
-                            np.random.default_rng([seed, 0]))
-    idx = batches[step % (len(batches) - 1)]  # never the short last batch
+    """A full batch (`scale` × the preset's) of training samples, drawn for (seed, step)."""
+    size, n = cfg.optim.batch_size * scale, len(data.train_labels)
+    idx = np.random.default_rng([seed, step]).choice(n, size, replace=n < size)
     feats, lengths = collate(data.train, idx, cfg.model.visual_length)
     return (torch.from_numpy(feats).to(device), torch.from_numpy(lengths).to(device),
             torch.from_numpy(data.train_labels[idx]).to(device))
@@ -63,9 +65,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_seconds(cfg, data, k: int, steps: int, device: torch.device, mode: str) -> tuple[float, float]:
+def step_seconds(cfg, data, k: int, steps: int, device: torch.device, mode: str,
+                 ready: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """Seconds per step and peak GPU memory (GiB, 0 on a CPU) of: `alone` (one model), `fused` (k models in a
-    SeedStack) or `batch` (one model on a k-times larger batch)."""
+    SeedStack) or `batch` (one model on a k-times larger batch). `ready`: called after the warm-up, before timing."""
     models = _models(cfg, data, 1 if mode != "fused" else k, device)
     if mode == "fused":
         stack = SeedStack(models, cfg.loss)
@@ -88,6 +91,7 @@ def step_seconds(cfg, data, k: int, steps: int, device: torch.device, mode: str)
 
     for s in range(2):  # warm-up
         one(s)
+    ready()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -100,11 +104,22 @@ def step_seconds(cfg, data, k: int, steps: int, device: torch.device, mode: str)
 
 
 def packed_seconds(args, n: int) -> float:
-    """n unfused trials at once on the device (separate processes): seconds per step of each, the slowest."""
-    cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--device", args.device,
-           "--steps", str(args.steps), "--cache", args.cache]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
-    return max(json.loads(p.communicate()[0].strip().splitlines()[-1])["seconds"] for p in procs)
+    """n unfused trials at once on the device (separate processes, timed together once all are warm): seconds per
+    step of each, the slowest."""
+    with tempfile.TemporaryDirectory(prefix="bench-fused-barrier-") as barrier:
+        cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--device", args.device,
+               "--steps", str(args.steps), "--cache", args.cache, "--barrier", barrier, "--workers", str(n)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        return max(json.loads(p.communicate()[0].strip().splitlines()[-1])["seconds"] for p in procs)
+
+
+def barrier(folder: str, n: int) -> Callable[[], None]:
+    """Wait until n processes have arrived in `folder`."""
+    def wait() -> None:
+        Path(folder, str(os.getpid())).touch()
+        while len(list(Path(folder).iterdir())) < n:
+            time.sleep(0.01)
+    return wait
 
 
 def bench_steps(args) -> None:
@@ -125,7 +140,7 @@ def bench_steps(args) -> None:
         batch, _ = step_seconds(cfg, data, k, args.steps, device, "batch")
         print(f"{f'one model, batch x{k} (the ceiling)':34}{batch * 1e3:9.1f}{batch / k * 1e3:9.1f}{k / batch:9.1f}"
               f"{alone * k / batch:9.2f}x")
-    if device.type == "cuda":
+    if device.type == "cuda" or args.packed:
         for n in (2, 4):
             packed = packed_seconds(args, n)
             print(f"{f'{n} unfused trials packed':34}{packed * 1e3:9.1f}{packed * 1e3:9.1f}{n / packed:9.1f}"
@@ -186,15 +201,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--skip-study", action="store_true")
+    parser.add_argument("--packed", action="store_true", help="also 2 and 4 unfused trials at once (default on a GPU)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "bench-fused-data"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--barrier", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+    warnings.filterwarnings("ignore", category=ClipWeightsWarning)  # the synthetic preset's random tower
     if args.worker:  # one unfused trial of the packed measurement
         device = torch.device(args.device)
+        if device.type == "cpu":
+            torch.set_num_threads(1)
         cfg, data = _setup(args.preset, args.device, args.cache)
         cfg = apply_overrides(cfg, {"model.temporal": "local+gcn"})
-        print(json.dumps({"seconds": step_seconds(cfg, data, 1, args.steps, device, "alone")[0]}))
+        seconds = step_seconds(cfg, data, 1, args.steps, device, "alone", barrier(args.barrier, args.workers))[0]
+        print(json.dumps({"seconds": seconds}))
         return
     bench_steps(args)
     if not args.skip_study:
