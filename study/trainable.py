@@ -16,7 +16,7 @@ from ray import tune
 from study.plots import score_curves
 from study.reuse import FINGERPRINT_TAG, REUSED_FROM_TAG, copy_results, find_reusable, trial_fingerprint
 from study.spec import apply_trial, sampled
-from study.tracking import TrialRun, child_run_name
+from study.tracking import FUSED_GROUP_TAG, TrialRun, child_run_name
 from vadclip.bootstrap import (
     BOOTSTRAP_FILE,
     TEST_SCORES_FILE,
@@ -73,9 +73,6 @@ def trial_device(requested: str, gpu_ids: Sequence[str | int], cuda_available: b
     if requested != "auto":
         return requested
     return "cuda" if gpu_ids and cuda_available else "cpu"
-
-
-FUSED_GROUP_TAG = "fused_group"  # the seeds trained together with this one (vadclip.fused), e.g. "234,235,236"
 
 
 @dataclass

@@ -294,7 +294,7 @@ class _Trainer:
         records = []
         for i in range(len(members)):
             record = {f"train/{k}": v / max(steps, 1) for k, v in sums[i].items()}
-            record["train/seconds"] = seconds
+            record["train/seconds"] = seconds / len(members)  # a fused seed's share of the epoch
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             record["step"] = first_step + steps
             records.append(record)

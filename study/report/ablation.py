@@ -43,6 +43,7 @@ from study.report.stats import (
 )
 from study.reuse import REUSED_FROM_TAG
 from study.spec import StudySpec
+from study.tracking import FUSED_GROUP_TAG
 from vadclip.bootstrap import N_RESAMPLES
 from vadclip.metrics import CORE_METRICS as CORE
 from vadclip.metrics import label, mlflow_key, percent_scale
@@ -274,6 +275,17 @@ def protocol_grid(table: pd.DataFrame, metric: str) -> Grid | None:
     return grid
 
 
+def fused_note(ctx: Context) -> list[str]:
+    """Which seeds were trained together (fuse_seeds), when any were."""
+    column = f"tags.{FUSED_GROUP_TAG}"
+    if column not in ctx.finished or ctx.finished[column].isna().all():
+        return []
+    groups = sorted(ctx.finished[column].dropna().unique())
+    return [f"Fused seeds: the seeds of a row were trained together in one vectorised model per trial (fuse_seeds; "
+            f"groups {'; '.join(groups)}); each seed keeps its own initialisation and batch order, and its numbers "
+            "differ from a lone run's by rounding drift only (docs/speed.md)."]
+
+
 def ablation_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION) -> list[str]:
     seeds = sorted(ctx.finished["tags.seed"].dropna().unique(), key=_seed_key) if "tags.seed" in ctx.finished \
         else []
@@ -303,6 +315,7 @@ def ablation_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION)
         f"Seeds: {planned(ctx.parent, 'study.seeds', ctx.spec.seeds)} per variant planned; {len(seeds)} seen "
         f"({', '.join(map(str, seeds))}).",
         *seeds_auto_note(ctx),
+        *fused_note(ctx),
         f"Failed trials (status FAILED): {failed} of {total}" + (f"; unfinished (RUNNING/KILLED): {unfinished}"
                                                                    if unfinished else "") + ".",
         f"Reused trials: {reused} of {len(ctx.finished)} finished (results copied from an identical FINISHED run: "

@@ -227,7 +227,7 @@ def test_failure_after_the_parent_exists_marks_it_failed_and_keeps_the_resume_po
 def test_fused_study_has_the_unfused_rows_runs_and_params(tmp_path, ray_local):
     """fuse_seeds 2: one Tune trial trains both seeds of a row, each seed still its own child run with the same
     params, tags and artifacts as an unfused trial (plus `fused_group`); the report has the same rows and n."""
-    from study.trainable import FUSED_GROUP_TAG
+    from study.tracking import FUSED_GROUP_TAG
 
     for folder in ("plain", "fused"):
         (tmp_path / folder).mkdir()
@@ -252,6 +252,8 @@ def test_fused_study_has_the_unfused_rows_runs_and_params(tmp_path, ray_local):
         assert len(client.get_metric_history(run_id, "epoch")) == 2
     t1, t2 = plain["report"].table, fused["report"].table
     assert list(t1.index) == list(t2.index) and list(t1["ap_n"]) == list(t2["ap_n"]) == [2, 2]
+    assert "Fused seeds:" in fused["report"].md.read_text() and "groups 234,235" in fused["report"].md.read_text()
+    assert "Fused seeds:" not in plain["report"].md.read_text()
     # the fused seeds follow the lone ones; after two epochs they differ only by rounding drift
     np.testing.assert_allclose(a.sort_values(key)["metrics.train/loss"], b.sort_values(key)["metrics.train/loss"],
                                rtol=1e-2)
