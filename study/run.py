@@ -159,7 +159,9 @@ def print_plan(spec: specs.StudySpec, p: Plan) -> None:
             print(f"  then a confirmation stage: the top {top} configurations by validation {p.metric} and the base "
                   f"on {len(fresh)} fresh seeds ({fresh[0]}..{fresh[-1]}): up to {(top + 1) * len(fresh)} more "
                   f"trials")
-    fused = f", the seeds of each row {p.fuse} at a time in one trial (fuse_seeds)" if p.fuse > 1 else ""
+    groups = len(specs.seed_groups(p.seeds, p.fuse))
+    fused = (f"; fused (fuse_seeds {p.fuse}): {len(p.resolved.rows) * groups} Tune trials of up to {p.fuse} seeds each"
+             if p.fuse > 1 and spec.kind == "ablation" else "")
     print(f"{len(p.trials)} trials{fused}")
 
 
