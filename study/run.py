@@ -439,9 +439,10 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, ctx=ctx), spec.resources)
     metric = mlflow_key(f"{base.eval.selection}/{p.metric}")
     label = spec.name if stage.name != "confirm" else f"{spec.name} confirm"
-    fused = stage.name != "search" and p.fuse > 1
-    tune_trials = len(stage.rows) * len(specs.seed_groups(stage.seeds, p.fuse)) if fused else stage.total
-    progress = StudyProgress(label, tune_trials, metric, p.metric)
+    # the Tune trials of a grid stage: one per row and group of fused seeds (a group of one: a plain seed trial)
+    groups = specs.seed_groups(stage.seeds, p.fuse) if stage.name != "search" else []
+    fused = any(len(g) > 1 for g in groups)
+    progress = StudyProgress(label, len(stage.rows) * len(groups) if fused else stage.total, metric, p.metric)
     run_config = tune.RunConfig(
         name=stage.experiment, storage_path=inv.storage, verbose=opts.verbose, callbacks=[progress],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -461,8 +462,7 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
 
         param_space: dict[str, Any]
         if stage.name != "search":  # a grid of rows × seeds: an ablation, or a search's confirmation
-            groups = specs.seed_groups(stage.seeds, p.fuse)
-            seeds: dict[str, Any] = ({"seeds": tune.grid_search(groups)} if any(len(g) > 1 for g in groups)
+            seeds: dict[str, Any] = ({"seeds": tune.grid_search(groups)} if fused
                                      else {"seed": tune.grid_search(stage.seeds)})
             param_space = {"variant": tune.grid_search(list(stage.rows)), **seeds}
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,

@@ -287,17 +287,19 @@ def record_failed_trials(uri: str, experiment_id: str, parent_id: str,
     config as JSON (`tune_config`).
     A FAILED child without an `error` tag gets one. Idempotent. Returns the run ids created."""
     c = client(uri)
-    existing = {(run.data.tags.get("trial_id"), run.data.tags.get("seed")): run
-                for run in children(uri, experiment_id, parent_id)}
+    existing: dict[str | None, dict[str | None, Any]] = {}  # trial id -> seed tag -> run
+    for run in children(uri, experiment_id, parent_id):
+        existing.setdefault(run.data.tags.get("trial_id"), {})[run.data.tags.get("seed")] = run
     created = []
     for trial_id, failure in failures.items():
         line = _failure_line(failure)
         own = failure.tags if isinstance(failure, FailedTrial) else {}
         config = failure.params if isinstance(failure, FailedTrial) else {}
-        seeds: list[str | None] = [str(s) for s in config.get("seeds", [])] or [own.get("seed")]  # fused: a run each
+        fused = [str(s) for s in config.get("seeds", [])]  # a fused trial: a run per seed
+        runs = existing.get(trial_id, {})
+        seeds: list[str | None] = [*fused] or [own.get("seed")]
         for seed in seeds:
-            run = existing.get((trial_id, seed)) or next(
-                (r for (t, _), r in existing.items() if t == trial_id and not config.get("seeds")), None)
+            run = runs.get(seed) if fused else next(iter(runs.values()), None)
             if run is not None:
                 if run.info.status == "FAILED" and ERROR not in run.data.tags:
                     retry(c.set_tag, run.info.run_id, ERROR, line)
@@ -448,3 +450,8 @@ class TrialRun:
 
     def end(self, status: str) -> None:
         retry(self.c.set_terminated, self.run_id, status)
+
+    def end_if_running(self, status: str) -> None:
+        """End the run with `status` unless it has ended already (e.g. FINISHED before a later failure)."""
+        if retry(self.c.get_run, self.run_id).info.status == "RUNNING":
+            self.end(status)

@@ -127,8 +127,7 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
                 try:
                     reports.append(reuse_results(run, source, member.cfg))
                 except BaseException:
-                    if run.c.get_run(run.run_id).info.status == "RUNNING":
-                        run.end("FAILED")
+                    run.end_if_running("FAILED")
                     raise
             else:
                 run.end("FINISHED")
@@ -192,11 +191,9 @@ def _train(members: list[_SeedRun], fused: bool, variant: str, data: VadDataset,
             log_results(run, result, data, cfg, result.out_dir)
             run.end("FINISHED")
     except BaseException:
-        for run in runs:
-            if run.c.get_run(run.run_id).info.status != "RUNNING":
-                continue  # ended already (a seed of the group logged before another one failed)
+        for run in runs:  # a seed of the group may have ended FINISHED before another one failed
             # stopped, not failed; the driver tags why (stopped_early or interrupted), it alone knows
-            run.end("KILLED" if reporting else "FAILED")  # a retry sets it RUNNING again and continues the run
+            run.end_if_running("KILLED" if reporting else "FAILED")  # a retry continues the same run
         raise
 
 

@@ -89,13 +89,12 @@ class SeedStack:
         prompt = self.base.prompt
         if not isinstance(prompt, (LearnablePrompt, HandcraftedPrompt)) or PROMPT_IDS not in self.shared:
             return
-        rows, renumbered = torch.unique(self.shared[PROMPT_IDS], return_inverse=True)
-        table = self.stacked.get(TOKEN_TABLE, self.shared.get(TOKEN_TABLE))
-        if table is None:
-            return
-        prompt.encoder.token_embedding = nn.Embedding(len(rows), table.shape[-1])
         where = self.stacked if TOKEN_TABLE in self.stacked else self.shared
-        where[TOKEN_TABLE] = table[:, rows] if where is self.stacked else table[rows]
+        if TOKEN_TABLE not in where:
+            return
+        rows, renumbered = torch.unique(self.shared[PROMPT_IDS], return_inverse=True)
+        where[TOKEN_TABLE] = where[TOKEN_TABLE][..., rows, :]  # (k, V, d) stacked or (V, d) shared
+        prompt.encoder.token_embedding = nn.Embedding(len(rows), where[TOKEN_TABLE].shape[-1])
         self.shared[PROMPT_IDS] = renumbered
 
     def _seed_loss(self, stacked: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor,
