@@ -7,15 +7,17 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from study import spec as specs
+from study.interrupt import SigintLatch
 from study.tracking import (
     check_tracking_uri,
     client,
@@ -26,20 +28,25 @@ from study.tracking import (
     log_artifacts,
     log_parent_summary,
     mark_interrupted_children,
+    prepare_store,
     record_failed_trials,
     reopen,
     set_status,
     start_parent,
     tune_failures,
     ui_url,
-    unfinished_trials,
 )
 from study.tracking import children as child_runs
-from vadclip.cli import Override, add_config_flags, flag_overrides, infer_dataset, nonnegative_int, positive_int
+from vadclip.cli import Override, Parser, add_config_flags, flag_overrides, infer_dataset, nonnegative_int, positive_int
 from vadclip.config import VadClipConfig, flatten
 from vadclip.errors import VadClipError
 from vadclip.metrics import mlflow_key
 
+# the options that decide an invocation's trials (with its flags), and how a user writes each one
+PLAN_OPTIONS = {"dataset": "--dataset {}", "seeds": "--seeds {}", "seeds_auto": "--seeds auto",
+                "ci_target": "--ci-target {}", "seeds_cap": "--seeds-cap {}", "num_samples": "--num-samples {}",
+                "max_epochs": "max_epochs={}", "confirm_top": "--confirm-top {}", "confirm_seeds": "--confirm-seeds {}",
+                "fuse_seeds": "--fuse-seeds {}", "reuse": "--no-reuse"}
 STATE_DIR = ".study_state"  # per-project pointers to the latest resumable invocation of each study
 EXIT_FAILED_TRIALS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -68,6 +75,11 @@ class RunOptions:
     num_cpus: int | None = None  # local Ray only
     fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests only
     verbose: int = 0  # 0: one progress line; 1: Tune's status tables and the workers' output; 2: + trial results
+
+    def invocation(self) -> dict[str, Any]:
+        """What decides this invocation's trials: stored with its resume pointer, restored by --resume."""
+        return {**{name: getattr(self, name) for name in PLAN_OPTIONS},
+                "flags": [[o.key, o.value, o.flag] for o in self.flags]}
 
     def all_flags(self) -> list[Override]:
         extra = [Override("optim.epochs", self.max_epochs, f"--max-epochs {self.max_epochs}")] \
@@ -121,10 +133,19 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
     if opts.seeds_auto and spec.kind != "ablation":
         raise StudyError(f"--seeds auto: for ablations (a search confirms its winners with --confirm-seeds); "
                          f"{spec.name} is a {spec.kind}")
+    if not opts.seeds_auto:
+        for flag, bound in (("--ci-target", opts.ci_target), ("--seeds-cap", opts.seeds_cap)):
+            if bound is not None:
+                raise StudyError(f"{flag} {bound}: only with --seeds auto")
     if opts.seeds_auto and opts.ci_target is not None and not opts.ci_target > 0:
         raise StudyError(f"--ci-target must be > 0 (points), got {opts.ci_target}")
     # --seeds auto starts from the spec's seeds, at least 2 (an interval needs them), and adds more later
-    seeds = [base.seed + i for i in range(max(spec.seeds, 2) if opts.seeds_auto else opts.seeds or spec.seeds)]
+    start = max(spec.seeds, 2)
+    if opts.seeds_auto and (opts.seeds_cap or spec.seeds_auto["cap"]) < start:
+        cap, source = (opts.seeds_cap, "--seeds-cap") if opts.seeds_cap else (spec.seeds_auto["cap"],
+                                                                              f"{spec.path.name}: seeds_auto.cap")
+        raise StudyError(f"{source} {cap} is below the {start} seeds per row --seeds auto starts from")
+    seeds = [base.seed + i for i in range(start if opts.seeds_auto else opts.seeds or spec.seeds)]
     if spec.kind == "search":
         seeds = seeds[:1]  # a searcher proposes configs; repeats over seeds belong to ablations
     trials = ([(v.name, s) for v in spec.variants for s in seeds] if spec.kind == "ablation"
@@ -184,21 +205,59 @@ def check_address(address: str, timeout: float = 10.0) -> None:
 def check_storage(storage: str) -> None:
     if "://" in storage:
         return  # cloud storage: Tune reports its own errors
-    path = Path(storage)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StudyError(f"--storage {storage}: cannot create the folder ({err})") from err
-    if not os.access(path, os.W_OK):
-        raise StudyError(f"--storage {storage}: folder is not writable")
+    check_writable(Path(storage), "--storage")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """A folder the study writes to can be written (or created) there, checked before any trial runs and
+    without creating it: bad input leaves nothing behind."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StudyError(f"{what} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StudyError(f"{what} {folder}: {'folder' if existing == folder else existing} is not writable")
 
 
 def _state_path(opts: RunOptions, study: str) -> Path:
     return opts.project / STATE_DIR / f"{study}.json"
 
 
+def _given(options: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Option name (or a flag's config key) -> (value, the flag as the user wrote it), for the options that
+    differ from the defaults."""
+    defaults = RunOptions()
+    out = {name: (str(options[name]), PLAN_OPTIONS[name].format(options[name])) for name in PLAN_OPTIONS
+           if name in options and options[name] != getattr(defaults, name)}
+    return {**out, **{key: (str(value), flag) for key, value, flag in options.get("flags", [])}}
+
+
+def restore_invocation(opts: RunOptions, stored: dict[str, Any], study: str) -> RunOptions:
+    """--resume: the options the interrupted invocation was started with. An option given again with the same
+    value is fine; one that differs (or is new) would plan other trials than the invocation runs: refused,
+    naming the flags."""
+    started = {name: stored.get(name, getattr(RunOptions(), name)) for name in PLAN_OPTIONS}
+    started["flags"] = [list(f) for f in stored.get("flags", [])]
+    given, before = _given(opts.invocation()), _given(started)
+    conflicts = [text for name, (value, text) in given.items() if before.get(name, ("",))[0] != value]
+    if conflicts:
+        was = " ".join(text for _, text in before.values()) or "no flags"
+        raise StudyError(f"--resume: {' '.join(conflicts)} conflicts with how the run of {study} was started "
+                         f"({was}); leave the flags out to continue it as started, or start a new run without "
+                         f"--resume")
+    flags = [Override(key, value, flag) for key, value, flag in started["flags"]]
+    return replace(opts, flags=flags, **{name: started[name] for name in PLAN_OPTIONS})
+
+
 def resume_command(spec: specs.StudySpec) -> str:
     return f"python -m study.run {spec.name if spec.path.parent == specs.SPEC_DIR else spec.path} --resume"
+
+
+def new_run_name(study: str) -> str:
+    """The parent run's name, also its Tune folder's: unique, so that two invocations started in the same second
+    do not share a folder (or a resume pointer)."""
+    return f"{study}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def _start_ray(opts: RunOptions) -> None:
@@ -226,10 +285,12 @@ class Invocation:
     storage: str
     tags: dict[str, str]
     state_file: Path
+    options: dict[str, Any]  # RunOptions.invocation(): what --resume restores
+    reports: Path
 
-    def state(self) -> dict[str, str]:
+    def state(self) -> dict[str, Any]:
         return {"run_name": self.run_name, "parent_run_id": self.parent_id, "storage": self.storage,
-                "experiment_id": self.experiment_id, "tracking_uri": self.uri}
+                "experiment_id": self.experiment_id, "tracking_uri": self.uri, "invocation": self.options}
 
 
 def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
@@ -238,14 +299,16 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     Raises VadClipError subclasses for bad input (nothing created) and StudyInterrupted on Ctrl-C."""
     spec = specs.load(name)
     opts.project = opts.project.resolve()
+    state_file = _state_path(opts, spec.name)
+    previous: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if opts.resume and not previous:
+        raise StudyError(f"--resume: no earlier run of {spec.name} recorded in {state_file}")
+    if opts.resume:
+        opts = restore_invocation(opts, previous.get("invocation", {}), spec.name)
     p = plan(spec, opts)
     if opts.dry_run:
         print_plan(spec, p)
         return {"dry_run": True, "trials": p.trials}
-    state_file = _state_path(opts, spec.name)
-    previous: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if opts.resume and not previous:
-        raise StudyError(f"--resume: no earlier run of {spec.name} recorded in {state_file}")
     # a resumed study goes on logging where it started unless told otherwise
     uri = opts.tracking_uri or (previous["tracking_uri"] if opts.resume else default_tracking_uri(opts.project))
     check_tracking_uri(uri)
@@ -253,6 +316,10 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     if "://" not in storage and not Path(storage).is_absolute():
         storage = str((opts.project / storage).resolve())
     check_storage(storage)
+    reports = Path(opts.reports_dir or opts.project / "reports")
+    for folder, what in ((reports, "reports folder"), (state_file.parent, "study state folder"),
+                         (opts.project / "mlartifacts", "MLflow artifact folder")):
+        check_writable(folder, what)
     check_address(opts.address)
 
     from vadclip.data import load_dataset
@@ -266,6 +333,7 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     if not opts.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
 
+    prepare_store(uri)
     experiment_id = ensure_experiment(uri, spec.name, opts.project / "mlartifacts", description=spec.description)
     tags = {"study": spec.name, "study.kind": spec.kind, "dataset": p.dataset,
             "selection": p.base.eval.selection, "map_protocol": p.base.eval.map_protocol,
@@ -274,16 +342,22 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
         run_name, parent_id = previous["run_name"], previous["parent_run_id"]
         reopen(uri, parent_id)
     else:
-        run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_name = new_run_name(spec.name)
         parent_id = start_parent(uri, experiment_id, run_name, tags,
                                  {"study.trials": len(p.trials), "study.seeds": len(p.seeds), **flatten(p.base)})
         client(uri).log_text(parent_id, spec.text(), f"{spec.name}.yaml")
-    invocation = Invocation(uri, experiment_id, parent_id, run_name, storage, tags, state_file)
+    invocation = Invocation(uri, experiment_id, parent_id, run_name, storage, tags, state_file, opts.invocation(),
+                            reports)
     try:
-        return _tune(spec, opts, p, data, invocation)
+        with SigintLatch() as latch:
+            return _tune(spec, opts, p, data, invocation, latch)
     except StudyInterrupted:
         set_status(uri, parent_id, "KILLED")  # --resume continues it
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C while the report is written
+        set_status(uri, parent_id, "KILLED")
+        raise StudyInterrupted(f"study {spec.name} interrupted while writing its report; every trial has ended. "
+                               f"Write it with: {resume_command(spec)}") from None
     except BaseException:
         set_status(uri, parent_id, "FAILED")
         raise
@@ -300,27 +374,33 @@ class Stage:
     total: int  # trials
 
 
-def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation) -> dict[str, Any]:
-    """Tune's part: the stages' trials, then the failure accounting, the report and the parent's summary."""
+def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation,
+          latch: SigintLatch) -> dict[str, Any]:
+    """Tune's part: the stages' trials, then the failure accounting, the report and the parent's summary.
+    A Ctrl-C once every trial of a stage has ended stops before the next stage, or, after the last one, lets
+    the report be written."""
     from study.report import build_report
     from study.reuse import code_digest, data_fingerprint
 
     uri, parent_id = inv.uri, inv.parent_id
     fingerprints = {"data_fingerprint": data_fingerprint(p.base), "code_digest": code_digest()}
     first = Stage(spec.kind, inv.run_name, p.resolved.rows, p.seeds, len(p.trials))
-    failures = _fit_stage(spec, opts, p, data, inv, first, fingerprints)
+    failures = _fit_stage(spec, opts, p, data, inv, first, fingerprints, latch)
     stopped = close_unfinished_children(uri, inv.experiment_id, parent_id, failures)
     if opts.seeds_auto and spec.kind == "ablation":
-        failures = {**failures, **_more_seeds(spec, opts, p, data, inv, fingerprints)}
+        failures = {**failures, **_more_seeds(spec, opts, p, data, inv, fingerprints, latch)}
     if p.confirm_top > 0:
+        _stop_if_signalled(spec, latch, "before the confirmation stage")
         rows = confirm_rows(spec, p, inv, p.confirm_top)
         seeds = list(p.confirm_seeds)
         confirm = Stage("confirm", f"{inv.run_name}-confirm", rows, seeds, len(rows) * len(seeds))
-        more = _fit_stage(spec, opts, p, data, inv, confirm, fingerprints)
+        more = _fit_stage(spec, opts, p, data, inv, confirm, fingerprints, latch)
         stopped += close_unfinished_children(uri, inv.experiment_id, parent_id, more)
         failures = {**failures, **more}
-    reports = Path(opts.reports_dir or opts.project / "reports")
-    files = build_report(spec, uri, reports, parent_run_id=parent_id)
+    if latch.hits:
+        print(f"study {spec.name}: every trial has ended; writing the report (Ctrl-C again to abort)",
+              file=sys.stderr)
+    files = build_report(spec, uri, inv.reports, parent_run_id=parent_id)
     log_artifacts(uri, parent_id, [files.md, files.html, files.tex, files.csv, *files.plots], "report")
     log_parent_summary(uri, parent_id, files.summary, prefix="mean" if spec.kind == "ablation" else "")
     set_status(uri, parent_id, "FINISHED")
@@ -329,8 +409,14 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
             "storage": f"{inv.storage.rstrip('/')}/{inv.run_name}"}
 
 
+def _stop_if_signalled(spec: specs.StudySpec, latch: SigintLatch, where: str) -> None:
+    if latch.hits:
+        raise StudyInterrupted(f"study {spec.name} interrupted {where} (every trial so far has ended); no report "
+                               f"written. Continue it with: {resume_command(spec)}")
+
+
 def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation,
-                fingerprints: dict[str, str]) -> dict[str, Any]:
+                fingerprints: dict[str, str], latch: SigintLatch) -> dict[str, Any]:
     """`--seeds auto`: add one seed to every row at a time (each round its own Tune experiment, so --resume
     continues round by round) until the full row's 95 % t-interval half-width on the study metric is at most the
     target, or the cap is reached; the parent's tag `seeds.auto` says which."""
@@ -349,10 +435,11 @@ def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv
                       f"at {n} seeds per row")
             client(inv.uri).set_tag(inv.parent_id, "seeds.auto", reason)
             return failures
+        _stop_if_signalled(spec, latch, f"before seed round {n + 1}")
         seed = p.base.seed + n
         n += 1
         stage = Stage("ablation", f"{inv.run_name}-seeds{n}", p.resolved.rows, [seed], len(p.resolved.rows))
-        more = _fit_stage(spec, opts, p, data, inv, stage, fingerprints)
+        more = _fit_stage(spec, opts, p, data, inv, stage, fingerprints, latch)
         close_unfinished_children(inv.uri, inv.experiment_id, inv.parent_id, more)
         failures.update(more)
 
@@ -419,7 +506,7 @@ def confirm_rows(spec: specs.StudySpec, p: Plan, inv: Invocation, top: int) -> d
 
 
 def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invocation, stage: Stage,
-               fingerprints: dict[str, str]) -> dict[str, Any]:
+               fingerprints: dict[str, str], latch: SigintLatch) -> dict[str, Any]:
     """Run (or, with --resume, restore) one stage's Tune experiment; returns its failed trials (trial id ->
     FailedTrial), recorded as FAILED children. Raises StudyInterrupted on Ctrl-C."""
     from ray import tune
@@ -433,11 +520,11 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
     uri, experiment_id, parent_id = inv.uri, inv.experiment_id, inv.parent_id
     base = p.base
     tags = {**inv.tags, "stage": stage.name}
+    metric = mlflow_key(f"{base.eval.selection}/{p.metric}")
     ctx = TrialContext(study=spec.name, base=base, rows=stage.rows, tracking_uri=uri, experiment_id=experiment_id,
                        parent_run_id=parent_id, tags=tags, cpus_per_trial=spec.resources["cpu"],
-                       reuse=opts.reuse, fail_at_epoch=dict(opts.fail_at_epoch), **fingerprints)
+                       reuse=opts.reuse, fail_at_epoch=dict(opts.fail_at_epoch), objective=metric, **fingerprints)
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, ctx=ctx), spec.resources)
-    metric = mlflow_key(f"{base.eval.selection}/{p.metric}")
     label = spec.name if stage.name != "confirm" else f"{spec.name} confirm"
     # the Tune trials of a grid stage: one per row and group of fused seeds (a group of one: a plain seed trial)
     groups = specs.seed_groups(stage.seeds, p.fuse) if stage.name != "search" else []
@@ -494,9 +581,10 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
     except KeyboardInterrupt:  # a second Ctrl-C skips Tune's own graceful stop
         progress.final_states = {}
     if progress.interrupted:  # Tune returns normally after a Ctrl-C
-        mark_interrupted_children(uri, experiment_id, parent_id, unfinished_trials(results))
+        mark_interrupted_children(uri, experiment_id, parent_id, progress.unfinished_ids)
         raise StudyInterrupted(f"study {spec.name} interrupted ({stage.name} stage): {progress.line()}; no report "
                                f"written. Continue it with: {resume_command(spec)}")
+    latch.hits += progress.signalled  # a Ctrl-C after the stage's last trial ended
     failures = tune_failures(results)
     record_failed_trials(uri, experiment_id, parent_id, failures, tags)  # also those failing before their run
     return failures
@@ -533,7 +621,7 @@ def list_studies(out=sys.stdout) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m study.run", description=__doc__.splitlines()[0])
     p.add_argument("name", nargs="?", help="study name (a YAML in search_spaces/) or a path to a study YAML")
     add_config_flags(p, epochs_flag="--max-epochs")
     p.add_argument("--seeds", type=seeds_arg, help="seeds per ablation row, or 'auto': add seeds until the full "

@@ -6,6 +6,7 @@ it behaves the same in the driver and in Ray workers on other nodes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from study.spec import sampled
@@ -34,6 +36,7 @@ NOTE_TAG = "mlflow.note.content"  # what the UI shows (and edits) as the experim
 DESCRIPTION_TAG = "vadclip.description"  # the description this code wrote last (a note edited in the UI is kept)
 # tags of a trial run that only the driver sets, for the invocation that sets them
 STOPPED_EARLY, INTERRUPTED, ERROR = "stopped_early", "interrupted", "error"
+TRIAL_ERROR = "trial_error"  # the Tune result of a trial that ended on a deterministic error (not retried)
 FUSED_GROUP_TAG = "fused_group"  # a fused seed's run: the seeds trained with it in one trial, e.g. "234,235,236"
 ML_WORKFLOW = "machine_learning"  # MLflow >= 3.x UI: ?workflowType=machine_learning shows runs, not traces
 
@@ -96,6 +99,35 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a SQLite store URI; None for a server."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def prepare_store(uri: str, timeout: float = 300) -> None:
+    """Create a new SQLite store's tables under a file lock (`<store>.lock`): two studies starting at once on a
+    new store would both run MLflow's schema migration, and one would crash (`table ... already exists`)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{path}.lock", timeout=timeout):
+        retry(client(uri).search_experiments, max_results=1)  # opening the store migrates it
+
+
+def is_mlflow_store(path: Path) -> bool:
+    """Whether a SQLite file holds MLflow's tables; read without changing it (MLflow would migrate it)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return False
+    return {"experiments", "runs", "alembic_version"} <= tables
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None, description: str | None = None) -> str:
     """The study's experiment, created when missing, marked as a model-training experiment (also when it
     already existed), with `description` as its note. A note edited in the UI since is left alone."""
@@ -105,7 +137,13 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None, de
         location = None
         if artifact_root is not None and uri.startswith("sqlite:"):
             location = (artifact_root / name).resolve().as_uri()  # beside the SQLite store, not in cwd
-        experiment_id, current = retry(c.create_experiment, name, artifact_location=location), {}
+        try:
+            experiment_id, current = retry(c.create_experiment, name, artifact_location=location), {}
+        except MlflowException:  # another study created it since
+            exp = retry(c.get_experiment_by_name, name)
+            if exp is None:
+                raise
+            experiment_id, current = exp.experiment_id, dict(exp.tags)
     else:
         experiment_id, current = exp.experiment_id, dict(exp.tags)
     wanted = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
@@ -247,10 +285,13 @@ class FailedTrial:
 
 
 def tune_failures(results: Iterable[Any]) -> dict[str, FailedTrial]:
-    """Trial id -> FailedTrial for every result of a Tune ResultGrid with an error."""
+    """Trial id -> FailedTrial for every result of a Tune ResultGrid with an error, or that reported one
+    (TRIAL_ERROR: a deterministic error, which the trial reports instead of raising so that Tune does not
+    retry it)."""
     failed = {}
     for result in results:
-        if result.error is None:
+        reported = (result.metrics or {}).get(TRIAL_ERROR)
+        if result.error is None and not reported:
             continue
         trial_id = _trial_id(result)
         if trial_id is None:
@@ -259,20 +300,14 @@ def tune_failures(results: Iterable[Any]) -> dict[str, FailedTrial]:
         tags = {"variant": str(config.get("variant", "search"))}
         if "seed" in config:
             tags["seed"] = str(config["seed"])
-        failed[trial_id] = FailedTrial(error_line(result.error), tags, config)
+        failed[trial_id] = FailedTrial(error_line(result.error if result.error is not None else str(reported)),
+                                       tags, config)
     return failed
 
 
 def _trial_id(result: Any) -> str | None:
     trial_id = (result.metrics or {}).get("trial_id")
     return trial_id or (Path(result.path).name if getattr(result, "path", None) else None)
-
-
-def unfinished_trials(results: Iterable[Any]) -> list[str]:
-    """Trial ids of a Tune ResultGrid that neither errored nor ended (Tune marks a trial's last result `done`
-    when it completes and when the scheduler stops it): non-empty after a Ctrl-C, which makes `Tuner.fit()`
-    return normally, with every trial TERMINATED in memory."""
-    return [t for r in results if r.error is None and not (r.metrics or {}).get("done") and (t := _trial_id(r))]
 
 
 def _failure_line(failure: FailedTrial | BaseException | str) -> str:
@@ -344,7 +379,7 @@ def close_unfinished_children(uri: str, experiment_id: str, parent_id: str,
 def mark_interrupted_children(uri: str, experiment_id: str, parent_id: str,
                               trial_ids: Iterable[str] = ()) -> int:
     """After a Tune run interrupted by the user (Ctrl-C): children still RUNNING, and KILLED children of
-    `trial_ids` (unfinished_trials(results): their worker was stopped inside tune.report) without a verdict, end
+    `trial_ids` (StudyProgress.unfinished_ids: their worker was stopped inside tune.report) without a verdict, end
     KILLED with the tag `interrupted=true` (never `stopped_early`); `--resume` continues them and drops the tag.
     Returns how many were tagged."""
     n, c, unfinished = 0, client(uri), set(trial_ids)

@@ -16,7 +16,7 @@ from ray import tune
 from study.plots import score_curves
 from study.reuse import FINGERPRINT_TAG, REUSED_FROM_TAG, copy_results, find_reusable, trial_fingerprint
 from study.spec import apply_trial, sampled
-from study.tracking import FUSED_GROUP_TAG, TrialRun, child_run_name
+from study.tracking import FUSED_GROUP_TAG, TRIAL_ERROR, TrialRun, child_run_name, error_line
 from vadclip.bootstrap import (
     BOOTSTRAP_FILE,
     TEST_SCORES_FILE,
@@ -25,8 +25,9 @@ from vadclip.bootstrap import (
     save_test_scores,
     video_bootstrap,
 )
-from vadclip.config import VadClipConfig, apply_overrides, flatten
+from vadclip.config import ConfigError, VadClipConfig, apply_overrides, flatten
 from vadclip.data import VadDataset
+from vadclip.errors import VadClipError
 from vadclip.evaluate import branch_scores
 from vadclip.metrics import mlflow_key
 from vadclip.train import CHECKPOINT_LAST, EpochRecord, FitResult, fit, fit_fused, load_checkpoint, seed_folder
@@ -48,6 +49,7 @@ class TrialContext:
     code_digest: str = ""
     reuse: bool = True  # copy a FINISHED identical run's results instead of training again
     fail_at_epoch: dict[str, int] = field(default_factory=dict)  # tests: variant -> epoch that raises (0: at once)
+    objective: str = ""  # the Tune metric the searcher and scheduler rank by
 
 
 FIT_SECONDS = "time/fit_seconds"  # logged as final/time/fit_seconds: the trial's training and evaluation time
@@ -55,6 +57,16 @@ FIT_SECONDS = "time/fit_seconds"  # logged as final/time/fit_seconds: the trial'
 
 class InjectedFailure(RuntimeError):
     """Raised on purpose by tests of retries and failure accounting."""
+
+
+class InjectedConfigError(ConfigError):
+    """Raised on purpose by tests of deterministic failures (variant names starting with `bad-config`)."""
+
+
+def _inject(variant: str, epoch: int, ctx: TrialContext, where: str) -> None:
+    if ctx.fail_at_epoch.get(variant) == epoch:
+        kind = InjectedConfigError if variant.startswith("bad-config") else InjectedFailure
+        raise kind(f"injected failure in {variant!r} {where}")
 
 
 def trial_config(params: dict[str, Any], ctx: TrialContext) -> tuple[VadClipConfig, str]:
@@ -86,14 +98,21 @@ class _SeedRun:
 
 def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
     """One Tune trial: one seed (`seed`), or the seeds of one row trained together (`seeds`, `vadclip.fused`);
-    each seed gets its own child run."""
+    each seed gets its own child run. A VadClipError (the trial's config or data is invalid) would fail every
+    retry the same way: reported as TRIAL_ERROR (the driver records the trial FAILED), not raised."""
+    try:
+        _train_trial(params, data, ctx)
+    except VadClipError as err:
+        tune.report({**({ctx.objective: float("nan")} if ctx.objective else {}), TRIAL_ERROR: error_line(err)})
+
+
+def _train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
     fused = "seeds" in params
     seeds = [int(s) for s in params["seeds"]] if fused else [params["seed"]]
     configs = [trial_config({**params, "seed": seed}, ctx) for seed in seeds]
     variant = configs[0][1]
-    if ctx.fail_at_epoch.get(variant) == 0:
-        raise InjectedFailure(f"injected failure in {variant!r} before its MLflow run exists")
+    _inject(variant, 0, ctx, "before its MLflow run exists")
     trial_id = tune.get_context().get_trial_id()
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     device = trial_device(configs[0][0].device, gpu_ids, torch.cuda.is_available())
@@ -165,8 +184,7 @@ def _train(members: list[_SeedRun], fused: bool, variant: str, data: VadDataset,
     reporting = False  # Tune stops a trial by raising inside tune.report (the scheduler, or a Ctrl-C on the driver)
 
     def on_epoch(records: list[EpochRecord]) -> None:
-        if ctx.fail_at_epoch.get(variant) == records[0].epoch:
-            raise InjectedFailure(f"injected failure in {variant!r} at epoch {records[0].epoch}")
+        _inject(variant, records[0].epoch, ctx, f"at epoch {records[0].epoch}")
         for run, record in zip(runs, records):
             run.log_epoch(record.epoch, record.metrics, record.evaluations)
         metrics = _mean([{mlflow_key(k): v for k, v in r.metrics.items()} for r in records])

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vadclip.config import ConfigError
 from vadclip.data.conventions import list_files
@@ -109,3 +109,10 @@ def blame(flags: Sequence[Override], build: Callable[[list[Override]], Any]) -> 
         except VadClipError:
             alone.append(flag.flag)
     return " ".join(alone or [f.flag for f in flags])
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad flag prints one line (not the usage first) and exits 2, as every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")

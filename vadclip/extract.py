@@ -35,6 +35,7 @@ from torchvision.transforms import Compose, Normalize
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vadclip.cli import Parser
 from vadclip.data.conventions import CLASS_CODES, SNIPPET_FRAMES, crop_file_name, crop_glob
 from vadclip.device import resolve_device
 from vadclip.errors import VadClipError
@@ -683,7 +684,7 @@ def _run_jobs(todo: Sequence[VideoJob], out_dir: Path, model: nn.Module, preproc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vadclip.extract", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m vadclip.extract", description=__doc__.splitlines()[0])
     p.add_argument("videos", metavar="VIDEOS", help="folder of videos (recursive); class folders give labels")
     p.add_argument("out", metavar="OUT", help="output folder: OUT/<label>/<video>__<k>.npy and the list CSV")
     p.add_argument("--crops", type=int, choices=CROP_CHOICES, default=DEFAULT_CROPS,

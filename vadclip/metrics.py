@@ -59,6 +59,12 @@ def percent_scale(name: str) -> float:
     return 100.0 if is_fraction(name) else 1.0
 
 
+def shown_range(name: str) -> tuple[float, float] | None:
+    """The values a metric can take, in the table's units (percent); None for unbounded ones (epochs, seconds)."""
+    base = _unbranched(name)
+    return (0.0, 100.0) if base in FRACTIONS or base == "map_avg" or base.startswith("map@") else None
+
+
 def label(name: str) -> str:
     """The paper's column label: AUC, AP, AnoAUC, mAP AVG, mAP@0.1 (accepts MLflow keys too)."""
     name = metric_name(name)

@@ -12,7 +12,6 @@ DataFrames), `notes` (protocol and provenance notes), `render` (Markdown, LaTeX,
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from study.report.render import finite, tex_file
 from study.report.search import search_report
 from study.spec import StudySpec, load
 from study.tracking import default_tracking_uri
+from vadclip.cli import Parser
 from vadclip.errors import VadClipError
 from vadclip.io import write_atomically
 from vadclip.metrics import CORE_METRICS as CORE
@@ -78,7 +78,7 @@ def summary(spec: StudySpec, table: pd.DataFrame) -> dict[str, dict[str, float]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m study.report", description=__doc__.splitlines()[0])
     parser.add_argument("name", help="study name (search_spaces/NAME.yaml) or a spec path")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI")
                         or default_tracking_uri(Path.cwd()),

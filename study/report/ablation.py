@@ -19,6 +19,7 @@ from study.report.context import FINAL, Context, ReportError, final_metrics, fin
 from study.report.notes import paper_note, planned, protocol_notes, provenance
 from study.report.protocols import PROTOCOLS, SELECTION, protocol_text, read_protocols
 from study.report.render import (
+    CLIPPED,
     Document,
     Grid,
     finite,
@@ -298,9 +299,10 @@ def ablation_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION)
                   if n_max >= WILCOXON_MIN_N else "")
     notes = [
         f"Test metrics under {protocol_text(protocol)}. Cells: mean ± sample std (ddof=1) over seeds of FINISHED "
-        "trials [95 % Student-t confidence interval of the mean over seeds, scipy.stats.t.interval], all in percent "
-        "as the paper (AUC/AP/AnoAUC are logged as fractions); best mean per metric in bold; n = finished trials "
-        "of the row.",
+        "trials [95 % Student-t confidence interval of the mean over seeds, scipy.stats.t.interval; "
+        f"{CLIPPED} = the interval crossed the metric's range 0-100 and is cut at the bound: with few seeds the "
+        "t-interval overshoots], all in percent as the paper (AUC/AP/AnoAUC are logged as fractions); best mean "
+        "per metric in bold; n = finished trials of the row.",
         "The error bars capture the variation over seeds (model initialisation and batch order) on one fixed "
         "test set" + (f"; the column '{name} 95% CI (seeds × videos)' also captures test-video sampling: a "
                        f"two-level percentile bootstrap (resample the seeds, then the test videos; {N_RESAMPLES} "

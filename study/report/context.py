@@ -5,7 +5,6 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -16,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from study.report.render import date_text
 from study.spec import StudySpec
-from study.tracking import PARENT, TRIAL
+from study.tracking import PARENT, TRIAL, is_mlflow_store, sqlite_path
 from study.tracking import client as tracking_client
 from vadclip.bootstrap import (
     BOOTSTRAP_FILE,
@@ -76,9 +75,12 @@ def read_context(spec: StudySpec, uri: str, parent_run_id: str | None, protocol:
 
 
 def _client(uri: str) -> MlflowClient:
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        # MLflow would silently create an empty store; a report must not write anything
+    # MLflow would silently create (or migrate) a store; a report must not write anything
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
         raise ReportError(f"no MLflow store at {uri} (the file does not exist)")
+    if path is not None and not is_mlflow_store(path):
+        raise ReportError(f"no MLflow store at {uri} (the file holds no MLflow tables); run a study first")
     return tracking_client(uri)
 
 

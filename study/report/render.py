@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from vadclip.metrics import percent_scale
+from vadclip.metrics import percent_scale, shown_range
 
 matplotlib.use("Agg")
 
@@ -70,6 +70,9 @@ def interval(low: Any, high: Any, signed: bool = False) -> str:
     return f"[{low:{fmt}}, {high:{fmt}}]"
 
 
+CLIPPED = "†"  # a t-interval that crossed the metric's range, cut at the bound
+
+
 def mean_std(row: pd.Series, metric: str, interval_of_mean: bool = False) -> str:
     """`mean ± std` in percent where logged as fractions, with the row's `[low, high]` interval of the mean when
     asked; `(n=…)` when fewer runs than the row's finished ones."""
@@ -78,9 +81,13 @@ def mean_std(row: pd.Series, metric: str, interval_of_mean: bool = False) -> str
         return "-"
     scale = percent_scale(metric)
     text = f"{mean * scale:.2f} ± {std * scale:.2f}" if n >= 2 and finite(std) else f"{mean * scale:.2f}"
-    if interval_of_mean and (span := interval(row.get(f"{metric}_low", math.nan) * scale,
-                                              row.get(f"{metric}_high", math.nan) * scale)):
-        text = f"{text} {span}"
+    low, high = row.get(f"{metric}_low", math.nan) * scale, row.get(f"{metric}_high", math.nan) * scale
+    bounds = shown_range(metric)
+    clipped = bounds is not None and finite(low) and finite(high) and (low < bounds[0] or high > bounds[1])
+    if clipped and bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    if interval_of_mean and (span := interval(low, high)):
+        text = f"{text} {span}{CLIPPED if clipped else ''}"
     return text if n == row["runs"] else f"{text} (n={n})"
 
 
@@ -112,7 +119,7 @@ def to_markdown(grid: Grid) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
-        "−": "-", "<": r"\textless{}", ">": r"\textgreater{}"}
+        "−": "-", "<": r"\textless{}", ">": r"\textgreater{}", "†": r"\textdagger{}"}
 
 
 def tex_escape(text: str) -> str:

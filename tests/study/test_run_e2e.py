@@ -1,6 +1,7 @@
 """End to end on a local Ray instance: real trials, a real MLflow SQLite store, real reports."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,14 +142,23 @@ def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
     assert list(parents["status"]) == ["KILLED"]
     runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
     assert "tags.stopped_early" not in runs or runs["tags.stopped_early"].isna().all()  # not a scheduler decision
-    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=400)
+    # the message counts what really ended: the stopped and never-started trials are not "done"
+    counts = re.search(r"(\d+)/6 trials ended \((\d+) done, 0 failed\), (\d+) interrupted or never started", err)
+    assert counts is not None, err[-2000:]
+    done = int(counts[2])
+    assert done == int((runs["status"] == "FINISHED").sum()) and done + int(counts[3]) == 6
+    # the printed command, as printed: it restores the invocation's flags (2 epochs, 3 seeds)
+    printed = re.search(r"Continue it with: (python -m study\.run \S+ --resume)", err)
+    assert printed is not None
+    resumed = subprocess.run([sys.executable, *printed[1].split()[1:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name("tiny_resume")
     runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'trial'")
     assert len(runs) == 6 and runs["tags.trial_id"].nunique() == 6
     assert set(runs["status"]) == {"FINISHED"}
+    assert set(runs["params.optim.epochs"]) == {"2"}
     assert "tags.stopped_early" not in runs or runs["tags.stopped_early"].isna().all()
     assert "tags.interrupted" not in runs or runs["tags.interrupted"].isna().all()
     parents = mlflow.search_runs([exp.experiment_id], filter_string="tags.`vadclip.role` = 'parent'")

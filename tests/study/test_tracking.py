@@ -20,7 +20,6 @@ from study.tracking import (
     record_failed_trials,
     start_parent,
     tune_failures,
-    unfinished_trials,
 )
 
 
@@ -172,14 +171,11 @@ def test_error_line_and_tune_failures_read_ray_results():
             super().__init__("ray::ImplicitFunc.train() (pid=1)\n  File x\nboom")
             self.cause = cause
 
-    results = [Result("t_0", None, {"variant": "A", "seed": 0}),  # interrupted: its last result is not done
+    results = [Result("t_0", None, {"variant": "A", "seed": 0}),
                Result("t_1", None, {"variant": "A", "seed": 1}),
                Result("t_2", RayTaskError(KeyError("model.windw")), {"variant": "A", "seed": 2}),
                Result("t_3", "Traceback (most recent call last):\n  File y\nOSError: disk full", {"seed": 3,
                                                                                                  "model.window": 8})]
-    results[1].metrics["done"] = True  # completed, or stopped by the scheduler
-    assert unfinished_trials(results) == ["t_0"]
-    assert unfinished_trials(results[1:]) == []
     failed = tune_failures(results)
     assert failed == {"t_2": FailedTrial("KeyError: 'model.windw'", {"variant": "A", "seed": "2"},
                                          {"variant": "A", "seed": 2}),
@@ -194,6 +190,7 @@ def test_a_trial_stopped_by_the_scheduler_is_killed_by_its_worker_and_tagged_by_
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+    from study.progress import StudyProgress
     from study.trainable import TrialContext, train_trial
     from vadclip.config import apply_overrides, preset
     from vadclip.data import load_dataset
@@ -211,18 +208,19 @@ def test_a_trial_stopped_by_the_scheduler_is_killed_by_its_worker_and_tagged_by_
     rows = {"LGT-Adapter": apply_overrides(base, {"model.temporal": "local+gcn"})}
     ctx = TrialContext(study="t", base=base, rows=rows,
                        tracking_uri=uri, experiment_id=exp, parent_run_id=parent, tags={"study": "t"})
+    progress = StudyProgress("t", 1, "val/ap", "ap")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         results = tune.Tuner(
             tune.with_parameters(train_trial, data=load_dataset(base), ctx=ctx),
             param_space={"variant": "LGT-Adapter", "seed": 234},
             tune_config=tune.TuneConfig(scheduler=StopAfterFirstEpoch(), trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0, callbacks=[progress]),
         ).fit()
     finally:
         ray.shutdown()
     assert results.num_errors == 0 and results[0].metrics["training_iteration"] == 1
-    assert unfinished_trials(results) == []  # the scheduler's stop is an end, not an interruption
+    assert not progress.interrupted and progress.unfinished_ids == []  # the scheduler's stop is an end
     (run,) = children(uri, exp, parent)
     assert run.info.run_name == "s234 · LGT-Adapter"
     assert run.info.status in ("KILLED", "RUNNING")  # KILLED when the stop reached it inside tune.report

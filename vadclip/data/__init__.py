@@ -34,7 +34,6 @@ from vadclip.data.layout import (
     resolve_feature_path,
     write_ground_truth,
 )
-from vadclip.data.synthetic import ensure_synthetic, synthetic_crops, write_synthetic
 
 __all__ = [
     "CLASS_CODES", "CLASS_PROMPTS", "DEFAULT_TEST_CROP", "GT_NORMAL", "SNIPPET_FRAMES", "Bank", "CacheError",
@@ -44,3 +43,13 @@ __all__ = [
     "read_ground_truth", "read_layout", "read_list", "resolve_feature_path", "split_chunks", "split_crop",
     "split_videos", "synthetic_crops", "write_ground_truth", "write_synthetic",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The synthetic writer, imported on first use: `python -m vadclip.data.synthetic` imports this package
+    first, and runpy warns when the module it is about to run is already imported."""
+    if name in ("ensure_synthetic", "synthetic_crops", "write_synthetic"):
+        from vadclip.data import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

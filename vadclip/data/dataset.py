@@ -26,7 +26,6 @@ from vadclip.data.conventions import (
 )
 from vadclip.data.errors import DataError
 from vadclip.data.layout import ListRow, crop_files, feature_shape, load_features, read_ground_truth, read_list
-from vadclip.data.synthetic import ensure_synthetic
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -271,6 +270,9 @@ def read_layout(cfg: VadClipConfig) -> Layout:
     style, d = cfg.style, cfg.data
     dim = cfg.model.embed_dim
     if d.dataset == "synthetic":
+        # imported here: `python -m vadclip.data.synthetic` runs that module, which must not be imported first
+        from vadclip.data.synthetic import ensure_synthetic
+
         lists_dir, features_dir = ensure_synthetic(d.synthetic, dim, cfg.seed, d.cache_dir)
     else:
         lists_dir = _folder(d.lists, "data.lists", d.dataset)

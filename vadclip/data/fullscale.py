@@ -38,7 +38,6 @@ bytes do not depend on the number of worker threads), written with `numpy.lib.fo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -55,6 +54,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from vadclip.cli import Parser
 from vadclip.data.conventions import (
     CLASS_CODES,
     DEFAULT_TEST_CROP,
@@ -393,7 +393,7 @@ def write_full_scale(out: str | Path, scale: Scale, fraction: float = 1.0, seed:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI of `python -m vadclip.data.synthetic --scale ucf-full OUT` (also `-m vadclip.data.fullscale`)."""
-    p = argparse.ArgumentParser(prog="python -m vadclip.data.synthetic",
+    p = Parser(prog="python -m vadclip.data.synthetic",
                                 description="Write a full-scale synthetic UCF-Crime / XD-Violence feature set "
                                             "in the authors' layout (lists, 10-crop features, ground truth).")
     p.add_argument("--scale", required=True, choices=SCALES, help="which released feature set to imitate")
