@@ -99,7 +99,9 @@ class StudyProgress(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.final_states = {t.trial_id: t.status for t in trials}
-        before = self.ended_before or set()
+        # no step ran (a restored experiment whose trials had all ended): only restored trials exist, as they were
+        before = self.ended_before if self.ended_before is not None else {
+            t.trial_id for t in trials if t.status in (DONE, FAILED)}
         self.unfinished_ids = [t.trial_id for t in trials if t.status == DONE and t.trial_id not in self.completed
                                and t.trial_id not in before]
         self._count(trials)

@@ -46,9 +46,9 @@ class ReuseError(VadClipError, ValueError):
 # ---------------------------------------------------------------- fingerprints
 
 
-def _code_digest(root: Path) -> str:
+def _code_digest(root: Path, pattern: str = "*.py") -> str:
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+    for path in sorted(root.rglob(pattern), key=lambda p: p.relative_to(root).as_posix()):
         data = path.read_bytes()
         # lengths delimit the fields, so no two different trees hash the same stream
         for part in (path.relative_to(root).as_posix().encode(), data):
@@ -56,6 +56,20 @@ def _code_digest(root: Path) -> str:
             h.update(part)
     # the same code gives other numbers on another torch or numpy
     h.update(f"torch={torch.__version__};numpy={numpy.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def source_digest() -> str:
+    """sha256 (16 hex) of everything a report's numbers and text come from: the `vadclip` and `study` packages'
+    *.py files, the study YAMLs, and the torch and numpy versions. A report names it in its provenance; the
+    committed example reports are held to the tree's by a test."""
+    import study
+    from study.spec import SPEC_DIR
+
+    h = hashlib.sha256()
+    for root, pattern in ((Path(vadclip.__file__).resolve().parent, "*.py"),
+                          (Path(study.__file__).resolve().parent, "*.py"), (SPEC_DIR, "*.yaml")):
+        h.update(_code_digest(root, pattern=pattern).encode())
     return h.hexdigest()[:16]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from study import spec as specs
 from study.interrupt import SigintLatch
 from study.tracking import (
+    SOURCE_DIGEST_TAG,
     check_tracking_uri,
     client,
     close_unfinished_children,
@@ -322,10 +323,13 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
         check_writable(folder, what)
     check_address(opts.address)
 
+    from study.reuse import source_digest
     from vadclip.data import load_dataset
+    from vadclip.data.dataset import describe
     from vadclip.model.clip import RANDOM_WEIGHTS_WARNING
 
     data = load_dataset(p.base)  # once per study: trials share it through Ray's object store
+    print(describe(data), file=sys.stderr)
     if p.base.clip.weights is None:
         # once here; the trials' copies stay in their logs (shown with -v)
         print(RANDOM_WEIGHTS_WARNING.format(model=p.base.clip.model), file=sys.stderr)
@@ -337,7 +341,7 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     experiment_id = ensure_experiment(uri, spec.name, opts.project / "mlartifacts", description=spec.description)
     tags = {"study": spec.name, "study.kind": spec.kind, "dataset": p.dataset,
             "selection": p.base.eval.selection, "map_protocol": p.base.eval.map_protocol,
-            "code_version": code_version()}
+            "code_version": code_version(), SOURCE_DIGEST_TAG: source_digest()}
     if opts.resume:
         run_name, parent_id = previous["run_name"], previous["parent_run_id"]
         reopen(uri, parent_id)

@@ -36,6 +36,7 @@ NOTE_TAG = "mlflow.note.content"  # what the UI shows (and edits) as the experim
 DESCRIPTION_TAG = "vadclip.description"  # the description this code wrote last (a note edited in the UI is kept)
 # tags of a trial run that only the driver sets, for the invocation that sets them
 STOPPED_EARLY, INTERRUPTED, ERROR = "stopped_early", "interrupted", "error"
+SOURCE_DIGEST_TAG = "source_digest"  # a parent's: study.reuse.source_digest() of the code that ran it
 TRIAL_ERROR = "trial_error"  # the Tune result of a trial that ended on a deterministic error (not retried)
 FUSED_GROUP_TAG = "fused_group"  # a fused seed's run: the seeds trained with it in one trial, e.g. "234,235,236"
 ML_WORKFLOW = "machine_learning"  # MLflow >= 3.x UI: ?workflowType=machine_learning shows runs, not traces

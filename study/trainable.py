@@ -17,6 +17,7 @@ from study.plots import score_curves
 from study.reuse import FINGERPRINT_TAG, REUSED_FROM_TAG, copy_results, find_reusable, trial_fingerprint
 from study.spec import apply_trial, sampled
 from study.tracking import FUSED_GROUP_TAG, TRIAL_ERROR, TrialRun, child_run_name, error_line
+from vadclip import portable
 from vadclip.bootstrap import (
     BOOTSTRAP_FILE,
     TEST_SCORES_FILE,
@@ -116,6 +117,8 @@ def _train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) ->
     trial_id = tune.get_context().get_trial_id()
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     device = trial_device(configs[0][0].device, gpu_ids, torch.cuda.is_available())
+    if portable.wanted(configs[0][0].portable_kernels, device):  # before the trial's first CPU kernel call
+        portable.configure(max(1, int(ctx.cpus_per_trial)))
     node = ray.get_runtime_context().get_node_id()
     group = ",".join(map(str, seeds))
     members = []
@@ -178,6 +181,7 @@ def _train(members: list[_SeedRun], fused: bool, variant: str, data: VadDataset,
             run.backfill(restored["history"], restored.get("evaluations", []))
         else:
             run.delete_tag("restored_from_epoch")  # an earlier attempt's; this one starts from scratch
+        placement.update(portable.state().tags())  # the kernels that compute this seed's numbers
         run.set_tags(placement)
     runs = [m.run for m in members]
     out_dir = Path(tempfile.mkdtemp(prefix="vadclip-trial-"))

@@ -122,7 +122,13 @@ class EvalConfig:
     score_branch: Literal["auto", "c", "a", "best"] = "auto"  # auto: UCF C-branch, XD A-branch
     selection: Literal["val", "test"] = "val"  # test = the authors' best-on-test protocol
     selection_metric: Literal["auto", "auc", "ap"] = "auto"  # auto: UCF auc, XD ap
-    eval_every_steps: int = 0  # > 0: also evaluate every N steps (UCF code: 10)
+    # When to evaluate within an epoch (docs/deviations.md, "evaluation cadence"). `authors`: as ucf_train.py,
+    # after 0-based iteration i of the epoch when i * samples per step % eval_every_samples == 0 and i > 0, and at
+    # the epoch end only when the epoch had no such evaluation (xd_train.py: every epoch end). `steps`: after every
+    # eval_every_steps steps (1-based) and at every epoch end.
+    cadence: Literal["authors", "steps"] = "authors"
+    eval_every_samples: int = 0  # cadence authors: > 0 evaluate every N training samples (UCF code: 1280)
+    eval_every_steps: int = 0  # cadence steps: > 0 also evaluate every N steps
     reload_best: bool = True  # code reloads the best checkpoint at every epoch end
     map_protocol: Literal["official", "paper"] = "official"
     max_plot_videos: int = 4
@@ -134,6 +140,8 @@ class VadClipConfig:
     variant: Literal["official", "paper"] = "official"
     seed: int = 234
     device: str = "auto"  # auto = cuda when present
+    # a CPU run on kernels pinned to give the same bits on any x86-64 machine (vadclip/portable.py); GPU runs ignore it
+    portable_kernels: bool = False
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -176,7 +184,8 @@ _UCF = {
     "optim.milestones": (4, 8),
     "optim.batch_size": 64,
     "optim.sampler": "balanced",
-    "eval.eval_every_steps": 10,
+    "eval.eval_every_samples": 1280,  # 10 steps of 64 + 64, from each epoch's step 0
+    "eval.eval_every_steps": 10,  # read by eval.cadence=steps only
 }
 _XD: dict[str, Any] = {"data.dataset": "xd", "clip.model": "ViT-B-16-quickgelu"}
 # About 15 s per run on 2 CPU cores; XD-style by default (the paper's ablations). d = 64 and 400
@@ -197,6 +206,8 @@ _SYNTHETIC = {
     "optim.milestones": (5,),
     "optim.batch_size": 16,
     "optim.sampler": "mixed",
+    "portable_kernels": True,  # its tables are the same on every x86-64 machine (docs/reproducibility.md)
+    "eval.cadence": "steps",  # no in-loop evaluation by default (as XD's); eval.eval_every_steps probes count steps
 }
 # Paper text: hyper-parameters of Implementation Details plus every paper-text alternative.
 _PAPER_SWITCHES = {
@@ -213,6 +224,7 @@ _PAPER_SWITCHES = {
     "eval.score_branch": "best",
     "eval.map_protocol": "paper",
     "eval.reload_best": False,
+    "eval.eval_every_samples": 0,
     "eval.eval_every_steps": 0,
 }
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -370,6 +382,16 @@ def from_flat(flat: dict[str, Any]) -> VadClipConfig:
     return apply_overrides(VadClipConfig(), flat)
 
 
+def _check_cadence(e: EvalConfig) -> None:
+    """An in-loop interval that the cadence does not read, set alone, would be ignored: refuse it."""
+    own, other = (("eval_every_samples", "eval_every_steps") if e.cadence == "authors"
+                  else ("eval_every_steps", "eval_every_samples"))
+    if getattr(e, other) > 0 and getattr(e, own) == 0:
+        cadence = "steps" if e.cadence == "authors" else "authors"
+        raise ConfigError(f"eval.{other}={getattr(e, other)} is read by eval.cadence={cadence!r} only, and "
+                          f"eval.cadence is {e.cadence!r}; set eval.cadence={cadence} or eval.{own}")
+
+
 def validate(cfg: VadClipConfig) -> None:
     """Cross-field rules; single-field rules are enforced by `coerce`."""
     m, o, d, loss = cfg.model, cfg.optim, cfg.data, cfg.loss
@@ -391,9 +413,11 @@ def validate(cfg: VadClipConfig) -> None:
     if m.embed_dim % (2 * m.heads):
         raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be divisible by 2*model.heads")
     for key in ("model.local_layers", "model.global_tf_layers", "model.prompt_prefix",
-                "model.prompt_postfix", "loss.topk_fixed", "eval.eval_every_steps", "optim.max_steps_per_epoch"):
+                "model.prompt_postfix", "loss.topk_fixed", "eval.eval_every_samples", "eval.eval_every_steps",
+                "optim.max_steps_per_epoch"):
         if get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(cfg, key)}")
+    _check_cadence(cfg.eval)
     if m.prompt_prefix + m.prompt_postfix > 60:
         raise ConfigError("model.prompt_prefix + model.prompt_postfix must leave room in CLIP's 77 tokens")
     if "local" in m.temporal and m.local_layers < 1:

@@ -1,11 +1,12 @@
 """Fused seeds: the k seeds of one configuration trained together as one vectorised model (horizontal fusion).
 
-The k models' tensors are stacked along a leading seed dimension and one training step runs the model and the
-loss under `torch.func.vmap` over it (`functional_call`): each seed sees only its own parameters and its own
-batch. The step's loss is the sum of the k seeds' losses, so the gradient of seed i's slice is seed i's own
-gradient. Frozen tensors equal in every seed (CLIP's text tower with real weights, the masks) go in once,
-unbatched; those that differ (a random text tower, drawn from each seed's RNG state) are stacked as well. AdamW is
-elementwise, so one AdamW over the stacked tensors is k AdamWs (tests/test_fused.py checks it bit for bit).
+The k models' tensors are stacked along a leading seed dimension and one training step runs the model under
+`torch.func.vmap` over it (`functional_call`): each seed sees only its own parameters and its own batch. The losses
+follow per seed outside vmap, since the authors' top-k on tied scores is a per-video call (`vadclip.losses`). The
+step's loss is the sum of the k seeds' losses, so the gradient of seed i's slice is seed i's own gradient. Frozen
+tensors equal in every seed (CLIP's text tower with real weights, the masks) go in once, unbatched; those that differ
+(a random text tower, drawn from each seed's RNG state) are stacked as well. AdamW is elementwise, so one AdamW over
+the stacked tensors is k AdamWs (tests/test_fused.py checks it bit for bit).
 
 Each seed keeps its own VadCLIP module (evaluation, checkpoints, reload-best) whose parameters are views of its
 slice: the optimiser's in-place update is what that module holds, and loading weights into it writes the slice.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vadclip.config import LossConfig
 from vadclip.losses import total_loss
-from vadclip.model import VadCLIP
+from vadclip.model import VadCLIP, VadOutput
 from vadclip.model.local_transformer import TemporalTransformer
 from vadclip.model.text import HandcraftedPrompt, LearnablePrompt
 
@@ -48,6 +50,11 @@ def _vmappable(model: VadCLIP) -> None:
             module.share_blank_windows = False
         if isinstance(module, HandcraftedPrompt):
             module.use_cache = False
+
+
+def _seed_output(outs: dict[str, torch.Tensor], i: int) -> VadOutput:
+    """Seed i's slice of the vmapped outputs (the names of `VadOutput` that are not None)."""
+    return VadOutput(**{f.name: outs[f.name][i] if f.name in outs else None for f in fields(VadOutput)})
 
 
 class SeedStack:
@@ -97,17 +104,20 @@ class SeedStack:
         prompt.encoder.token_embedding = nn.Embedding(len(rows), where[TOKEN_TABLE].shape[-1])
         self.shared[PROMPT_IDS] = renumbered
 
-    def _seed_loss(self, stacked: dict[str, torch.Tensor], x: torch.Tensor, lengths: torch.Tensor,
-                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _seed_forward(self, stacked: dict[str, torch.Tensor], x: torch.Tensor,
+                      lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         out = functional_call(self.base, {**stacked, **self.shared}, (x, lengths))
-        return total_loss(out, lengths, labels, self.loss)
+        return {f.name: getattr(out, f.name) for f in fields(out) if getattr(out, f.name) is not None}
 
     def losses(self, x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every loss term of every seed, each (k,): x (k, B, L, d), lengths (k, B), labels (k, B, C)."""
         self.base.train()
         # the math attention: the CPU flash kernel has no vmap batching rule (a slow per-seed loop)
         with sdpa_kernel(SDPBackend.MATH):
-            return vmap(self._seed_loss)(self.stacked, x, lengths, labels)
+            outs = vmap(self._seed_forward)(self.stacked, x, lengths)
+        # the losses per seed, outside vmap: the authors' top-k on tied scores is a per-video call (losses.py)
+        terms = [total_loss(_seed_output(outs, i), lengths[i], labels[i], self.loss) for i in range(self.k)]
+        return {key: torch.stack([t[key] for t in terms]) for key in terms[0]}
 
     # ---------------------------------------------------------------- the optimiser's state, per seed
 

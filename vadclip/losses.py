@@ -15,12 +15,51 @@ def topk_k(lengths: torch.Tensor, divisor: int = 16, fixed: int = 0) -> torch.Te
 
 
 def topk_mean(values: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Mean of the k largest values over the valid time steps; values (B, L, K) -> (B, K)."""
+    """Mean of the k largest values over the valid time steps; values (B, L, K) -> (B, K).
+
+    Selects as the authors' `torch.topk` does (`topk_order`): the value is the sorted path's, and where equal
+    scores straddle the k-th place the gradient goes to the snippets their call picks.
+    """
     steps = torch.arange(values.shape[1], device=values.device)
     padded = values.masked_fill((steps[None, :] >= lengths[:, None])[..., None], float("-inf"))
-    top = padded.sort(dim=1, descending=True).values
+    top = padded.gather(1, topk_order(padded, lengths, k))
     take = (steps[None, :] < k[:, None])[..., None]
     return torch.where(take, top, torch.zeros_like(top)).sum(1) / k[:, None].to(values.dtype)
+
+
+def topk_order(padded: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Time indices of `padded` (B, L, K; padding -inf) in descending order, (B, L, K); the first k[b] of a
+    video with a tie at its k-th place are replaced by the authors' top-k indices.
+
+    A sort and `torch.topk` agree on the k largest values but, among equal values, pick different snippets;
+    the mean is the same, the gradient is not. Only those videos leave the vectorised path."""
+    order = padded.detach().sort(dim=1, descending=True).indices
+    tied = boundary_ties(padded.detach().gather(1, order), lengths, k)
+    if not bool(tied.any()):  # the usual case; one device sync per call
+        return order
+    order = order.clone()
+    for b in torch.nonzero(tied).flatten().tolist():
+        n, kb = int(lengths[b]), int(k[b])
+        order[b, :kb] = authors_topk_indices(padded.detach()[b, :n], kb)
+    return order
+
+
+def boundary_ties(top: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: a video whose k-th and (k+1)-th largest valid values are equal in some column of `top`
+    (B, L, K, sorted descending), i.e. where the choice among equal scores decides the top-k set."""
+    last = (k - 1).clamp_min(0)[:, None, None].expand(-1, 1, top.shape[2])
+    after = k.clamp_max(top.shape[1] - 1)[:, None, None].expand(-1, 1, top.shape[2])
+    equal = (top.gather(1, last) == top.gather(1, after)).squeeze(1)
+    return (equal & (k < lengths)[:, None]).any(1)
+
+
+def authors_topk_indices(valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The authors' call on one video's valid rows (n, K) -> (k, K) indices: CLAS2 passes the 1-D scores,
+    `torch.topk(x, k=k, largest=True)`, CLASM the (n, C) map, `torch.topk(x, k=k, largest=True, dim=0)`."""
+    valid = valid.contiguous()  # their slices are of contiguous tensors
+    if valid.shape[1] == 1:
+        return torch.topk(valid[:, 0], k=k, largest=True).indices[:, None]
+    return torch.topk(valid, k=k, largest=True, dim=0).indices
 
 
 def mil_bce_loss(logits_c: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from vadclip.cli import add_config_flags, as_dict, blame, flag_overrides, infer_dataset
 from vadclip.config import ConfigError, VadClipConfig, apply_overrides, flatten, preset
 from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dataset
+from vadclip.data.dataset import describe
 from vadclip.device import resolve_device
 from vadclip.errors import VadClipError
 from vadclip.evaluate import Evaluation, Predictions, evaluate
@@ -40,7 +41,9 @@ CHECKPOINT_LAST, CHECKPOINT_BEST = "last.pt", "best.pt"
 @dataclass
 class EpochRecord:
     epoch: int  # 1-based
-    metrics: dict[str, float]  # train/..., val/..., test/..., lr, epoch, step (optimisation steps so far)
+    # train/..., val/..., test/..., lr, epoch, step (optimisation steps so far); val/test are the epoch-end evaluation,
+    # or under eval.cadence=authors after in-loop ones (UCF) a copy of the epoch's last evaluation
+    metrics: dict[str, float]
     is_best: bool
     out_dir: Path  # holds last.pt and best.pt after this epoch
     evaluations: list[dict[str, float]] = field(default_factory=list)  # this epoch's step-wise evaluations
@@ -104,13 +107,59 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu",
     return ckpt
 
 
-def load_weights(model: VadCLIP, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    missing = [k for k in missing if k not in frozen]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+def checkpoint_path(path: Path | str) -> Path:
+    """The file a checkpoint argument names: a folder means its last.pt."""
+    path = Path(path)
+    return path / CHECKPOINT_LAST if path.is_dir() else path
+
+
+def weight_mismatch(model: VadCLIP, state: dict[str, torch.Tensor], shown: int = 3) -> str | None:
+    """How `state` differs from the trainable weights of `model` (at most `shown` names of each kind), or None."""
+    own = model.trainable_state_dict()
+    shapes = [f"{k} {tuple(v.shape)} (this model {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    for what, names in (("shapes differ", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{what}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts) or None
+
+
+def _config_differences(saved: Any, model: VadCLIP, shown: int = 4) -> str:
+    """The model settings in which a checkpoint's saved (flat) config differs from `model`'s, as a clause ('' when
+    none is known)."""
+    if not isinstance(saved, dict):
+        return ""
+
+    def plain(v: Any) -> Any:  # a tuple may come back from a checkpoint as a list
+        return list(v) if isinstance(v, tuple) else v
+
+    own = flatten(model.cfg, "model.")
+    keys = [k for k in own if k in saved and plain(saved[k]) != plain(own[k])]
+    if not keys:
+        return ""
+    diff = ", ".join(f"{k}={saved[k]!r} (this run {own[k]!r})" for k in keys[:shown])
+    return f"; it was saved with {diff}{' ...' if len(keys) > shown else ''}"
+
+
+def check_weights(model: VadCLIP, state: dict[str, torch.Tensor], source: Path | str | None = None,
+                  saved_config: Any = None) -> None:
+    """One CheckpointError naming `source`, the differing weights and model settings (from the checkpoint's
+    `saved_config`) when `state` does not fit `model`, instead of torch's page of size mismatches."""
+    problem = weight_mismatch(model, state)
+    if problem is not None:
+        raise CheckpointError(f"{source or 'checkpoint'}: weights of another model configuration ({problem})"
+                              f"{_config_differences(saved_config, model)}; expected a checkpoint of this config")
+
+
+def load_weights(model: VadCLIP, state: dict[str, torch.Tensor], source: Path | str | None = None,
+                 saved_config: Any = None) -> None:
+    """Load trainable weights into `model`, checked first (`check_weights`)."""
+    check_weights(model, state, source, saved_config)
+    model.load_state_dict(state, strict=False)
 
 
 def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device,
@@ -128,6 +177,33 @@ def _selection_score(metrics: dict[str, float], cfg: VadClipConfig) -> float:
     return -math.inf if value is None or math.isnan(value) else value
 
 
+def samples_per_step(cfg: VadClipConfig) -> int:
+    """Training samples of one step as the authors count them: `batch_size` per side twice (balanced, ucf_train.py's
+    `i * normal_loader.batch_size * 2`), else the batch (xd_train.py's `i * train_loader.batch_size`)."""
+    return cfg.optim.batch_size * (2 if cfg.optim.sampler == "balanced" else 1)
+
+
+def evaluates_after(i: int, steps: int, cfg: VadClipConfig) -> bool:
+    """Whether an in-loop evaluation follows the 0-based step i of an epoch of `steps` steps (`eval.cadence`)."""
+    e = cfg.eval
+    if e.cadence == "authors":  # ucf_train.py: step = i * batch * 2; test when step % 1280 == 0 and step != 0
+        seen = i * samples_per_step(cfg)  # samples before this step, counted from the epoch's step 0
+        return e.eval_every_samples > 0 and seen > 0 and seen % e.eval_every_samples == 0
+    # steps: after steps N, 2N, ...; the epoch's last step is left to the epoch-end evaluation (same weights)
+    return e.eval_every_steps > 0 and (i + 1) % e.eval_every_steps == 0 and i + 1 < steps
+
+
+def evaluates_at_epoch_end(cfg: VadClipConfig, in_loop: int) -> bool:
+    """`steps`: every epoch end. `authors`: only after an epoch with no in-loop evaluation (xd_train.py's loop; or
+    an epoch shorter than the interval, where ucf_train.py would reload a checkpoint it never saved)."""
+    return cfg.eval.cadence == "steps" or in_loop == 0
+
+
+def split_metrics(evaluation: dict[str, float]) -> dict[str, float]:
+    """The val/ and test/ metrics of one evaluation record."""
+    return {k: v for k, v in evaluation.items() if k.startswith(("val/", "test/"))}
+
+
 def _evaluate_split(model: VadCLIP, data: VadDataset, split: str, cfg: VadClipConfig,
                     device: torch.device) -> tuple[dict[str, float], Evaluation | None]:
     videos = data.val if split == "val" else data.test
@@ -140,8 +216,8 @@ def _evaluate_split(model: VadCLIP, data: VadDataset, split: str, cfg: VadClipCo
 
 
 class BestCheckpoint:
-    """The best weights so far by the selection score, in memory (`state`) and in best.pt; the step-wise
-    (`eval.eval_every_steps`) and the epoch-wise evaluations both go through `consider`."""
+    """The best weights so far by the selection score, in memory (`state`) and in best.pt; the in-loop
+    (`eval.cadence`) and the epoch-end evaluations both go through `consider`."""
 
     def __init__(self, model: VadCLIP, cfg: VadClipConfig, path: Path) -> None:
         self.model, self.cfg, self.path = model, cfg, path
@@ -159,6 +235,28 @@ class BestCheckpoint:
     def save(self, epoch: int) -> None:
         self.state = {k: v.detach().clone() for k, v in self.model.trainable_state_dict().items()}
         atomic_save({"model": self.state, "epoch": epoch, "config": flatten(self.cfg)}, self.path)
+
+    def restore(self, state: dict[str, torch.Tensor], score: float, epoch: int) -> None:
+        """A resumed run's best so far, written to best.pt at once: the run's folder holds it even when the resume
+        came from another folder or from a last.pt alone."""
+        self.state = {k: v.detach().clone() for k, v in state.items()}
+        self.score, self.epoch = score, epoch
+        atomic_save({"model": self.state, "epoch": epoch, "config": flatten(self.cfg)}, self.path)
+
+
+def _last_is_best(ckpt: dict[str, Any], cfg: VadClipConfig) -> bool:
+    """Whether a last.pt's weights are its run's best checkpoint: always with `eval.reload_best` (every epoch ends on
+    the best weights), else when its own epoch-end evaluation set the best score (not a step-wise one before it)."""
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict):
+        saved = {}
+    if saved.get("eval.reload_best", cfg.eval.reload_best):
+        return True
+    epoch, score, history = ckpt["epoch"], ckpt["best_score"], ckpt["history"]
+    if ckpt["best_epoch"] != epoch or not history or _selection_score(history[-1], cfg) != score:
+        return False
+    stepwise = [e for e in ckpt.get("evaluations", []) if e.get("epoch") == epoch]
+    return all(_selection_score(e, cfg) != score for e in stepwise)
 
 
 @dataclass
@@ -209,14 +307,12 @@ class _Trainer:
         the epochs done, and per seed the history and the step-wise evaluations."""
         epochs, histories, evaluations, states = set(), [], [], []
         for member, resume in zip(self.members, folders):
-            ckpt = load_checkpoint(resume, self.device, required=("model", "optimizer", "scheduler", "epoch",
-                                                                  "best_score", "best_epoch", "history"))
-            load_weights(member.model, ckpt["model"])
+            last = checkpoint_path(resume)
+            ckpt = load_checkpoint(last, self.device, required=("model", "optimizer", "scheduler", "epoch",
+                                                                "best_score", "best_epoch", "history"))
+            load_weights(member.model, ckpt["model"], last, ckpt.get("config"))
             states.append(ckpt["optimizer"])
-            member.best.score, member.best.epoch = ckpt["best_score"], ckpt["best_epoch"]
-            folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-            if (folder / CHECKPOINT_BEST).is_file():  # else the best stays the untrained weights
-                member.best.state = load_checkpoint(folder / CHECKPOINT_BEST, self.device)["model"]
+            member.best.restore(self._best_state(member, ckpt, last), ckpt["best_score"], ckpt["best_epoch"])
             epochs.add(ckpt["epoch"])
             histories.append(list(ckpt["history"]))
             evaluations.append(list(ckpt.get("evaluations", [])))
@@ -230,6 +326,25 @@ class _Trainer:
             self.stack.load_optimizer_states(self.optimizer, states)
         self.scheduler.load_state_dict(scheduler)
         return epochs.pop(), histories, evaluations
+
+    def _best_state(self, member: _Member, ckpt: dict[str, Any], last: Path) -> dict[str, torch.Tensor]:
+        """The weights of a resumed seed's best epoch: its best.pt beside `last` (checked to be that epoch's), else
+        the weights that are provably the same (`_last_is_best`; the seed's untrained weights when no evaluation beat
+        them), else one CheckpointError: those weights are lost, and the best epoch must not be misreported."""
+        best_epoch, path = ckpt["best_epoch"], last.parent / CHECKPOINT_BEST
+        if path.is_file():
+            best = load_checkpoint(path, self.device)
+            if best["epoch"] != best_epoch:
+                raise CheckpointError(f"{path}: holds epoch {best['epoch']}, but {last} names epoch {best_epoch} as "
+                                      f"the best; expected the best.pt written by the same run")
+            check_weights(member.model, best["model"], path, best.get("config"))
+            return best["model"]
+        if best_epoch == 0:  # nothing beat the untrained weights: this seed's initial ones, rebuilt identically
+            return member.best.state
+        if _last_is_best(ckpt, member.cfg):
+            return ckpt["model"]
+        raise CheckpointError(f"{path}: not found; {last} names epoch {best_epoch} of {ckpt['epoch']} as the best, "
+                              f"whose weights only best.pt holds; resume from the folder that holds both files")
 
     def _step(self, batches: list[list[np.ndarray]], step: int) -> list[dict[str, torch.Tensor]]:
         """One optimisation step of every seed on its own batch; each seed's loss terms."""
@@ -257,8 +372,9 @@ class _Trainer:
     def train_epoch(self, epoch: int, first_step: int, progress: bool) -> tuple[list[dict[str, float]], list[bool],
                                                                             list[list[dict[str, float]]]]:
         """One epoch of steps, then the schedule step. Per seed: the mean loss terms, seconds, lr and the global
-        `step` (optimisation steps so far, counted from `first_step`), whether a step-wise evaluation improved its
-        best checkpoint, and those evaluations (val and test metrics at their global step)."""
+        `step` (optimisation steps so far, counted from `first_step`), whether an in-loop evaluation (`eval.cadence`,
+        `evaluates_after`) improved its best checkpoint, and those evaluations (val and test metrics at their global
+        step)."""
         cfg, data, members = self.cfg, self.data, self.members
         for member in members:
             member.model.train()
@@ -272,7 +388,6 @@ class _Trainer:
         steps = len(batches[0])
         sums: list[dict[str, float]] = [{} for _ in members]
         improved = [False] * len(members)
-        every = cfg.eval.eval_every_steps
         evaluations: list[list[dict[str, float]]] = [[] for _ in members]
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not progress, leave=False)
         t0 = time.perf_counter()
@@ -282,8 +397,7 @@ class _Trainer:
                 for k, v in terms.items():
                     sums[i][k] = sums[i].get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{per_seed[0]['loss'].item():.4f}")
-            # the epoch-end evaluation follows the last step with the same weights: not evaluated twice
-            if every and (step + 1) % every == 0 and step + 1 < steps:
+            if evaluates_after(step, steps, cfg):
                 for i, member in enumerate(members):
                     metrics = member.evaluate_both(data, self.device)
                     evaluations[i].append({"epoch": epoch + 1, "step": first_step + step + 1, **metrics})
@@ -333,7 +447,7 @@ class _Trainer:
 def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Path,
         callbacks: Sequence[Callback] = (), resume: str | Path | None = None,
         progress: bool = True) -> FitResult:
-    """Train VadCLIP; evaluate every epoch; keep the best checkpoint by `eval.selection`.
+    """Train VadCLIP; evaluate as `eval.cadence` says; keep the best checkpoint by `eval.selection`.
 
     Writes `out_dir/last.pt`, `best.pt` (trainable weights; load with weights_only=True),
     `config.json` and, at the end, `metrics.json` (the best checkpoint re-evaluated on test).
@@ -417,8 +531,11 @@ def _fit(cfgs: Sequence[VadClipConfig], data: VadDataset, out_dirs: Sequence[Pat
         epoch_records = []
         for i, member in enumerate(members):
             record = records[i]
-            record.update(member.evaluate_both(data, device))
-            improved[i] = member.best.consider(_selection_score(record, member.cfg), epoch + 1) or improved[i]
+            if evaluates_at_epoch_end(member.cfg, len(stepwise[i])):
+                record.update(member.evaluate_both(data, device))
+                improved[i] = member.best.consider(_selection_score(record, member.cfg), epoch + 1) or improved[i]
+            else:  # the authors' UCF loop tests in the loop only: the record repeats the epoch's last evaluation
+                record.update(split_metrics(stepwise[i][-1]))
             if member.cfg.eval.reload_best:  # the authors continue each epoch from the best weights so far
                 load_weights(member.model, member.best.state)
             record["epoch"] = epoch + 1
@@ -490,11 +607,23 @@ def check_out_dir(out: Path, resume: str | None, overwrite: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fresh = not Path(args.out).exists()  # bad input must leave no empty --out folder behind
     try:
         cfg = config_from_args(args)
+        if argv is None:  # a command line: portable kernels and BLAS, re-executed with them if need be
+            from vadclip.portable import pin_cli
+
+            kernels = pin_cli(cfg)
+            if kernels is not None:
+                print(f"portable kernels: {kernels.describe()}", flush=True)
         check_out_dir(Path(args.out), args.resume, args.overwrite)
-        result = fit(cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+        check_selection(cfg)  # before the data: a first load packs the feature cache (minutes on real data)
+        data = load_dataset(cfg)
+        print(describe(data), flush=True)  # once, here: not in fit, which every study trial runs
+        result = fit(cfg, data, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     except (VadClipError, FileNotFoundError) as err:
+        if fresh and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(metrics_table(result.metrics))

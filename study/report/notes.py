@@ -11,6 +11,7 @@ import pandas as pd
 
 from study.report.context import Context, tag
 from study.report.render import date_text
+from study.tracking import SOURCE_DIGEST_TAG
 
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
@@ -48,9 +49,26 @@ def provenance(ctx: Context) -> str:
     unfinished = status in ("KILLED", "FAILED") or status == "RUNNING" and (ctx.children["status"] == "RUNNING").any()
     partial = f" ({status}: partial results)" if unfinished else ""
     code = tag(ctx.parent, "code_version") or "unknown"
+    digest = tag(ctx.parent, SOURCE_DIGEST_TAG)
     started = date_text(ctx.parent.get("start_time"))
     return (f"MLflow {display_uri(ctx.uri)}, experiment {ctx.spec.name}, parent run {ctx.parent_id}{partial} "
-            f"started {started}, code version {code}; report generated {ctx.date}.")
+            f"started {started}, code version {code}{f' (source digest {digest})' if digest else ''}"
+            f"{kernels_note(ctx.children)}; report generated {ctx.date}.")
+
+
+def kernels_note(children: pd.DataFrame) -> str:
+    """'; trials on CPU capability AVX2 (forced), MKL CNR COMPATIBLE, 1 thread' from the trials' tags (vadclip.portable:
+    the kernels decide the last bits); every value seen, '/'-joined; '' when no trial has them."""
+    def seen(key: str) -> str:
+        column = children.get(f"tags.{key}")
+        return " / ".join(sorted(map(str, column.dropna().unique()))) if column is not None else ""
+
+    capability, mkl, threads = seen("cpu_capability"), seen("mkl_cbwr"), seen("threads")
+    if not capability:
+        return ""
+    mkl_text = f", MKL CNR {mkl}" if mkl and mkl != "n/a" else ""
+    threads_text = f", {threads} thread{'' if threads == '1' else 's'}" if threads else ""
+    return f"; trials on CPU capability {capability}{mkl_text}{threads_text}"
 
 
 def display_uri(uri: str) -> str:

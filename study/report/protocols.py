@@ -1,6 +1,6 @@
 """Selection protocols derived from a trial's logged evaluation histories.
 
-Every evaluation (each epoch's end and each `eval.eval_every_steps` step) logs the validation and the test
+Every evaluation (where `eval.cadence` puts them: in-loop and at epoch ends) logs the validation and the test
 metrics at its global optimisation step. From the same run a report then reads the test metrics at
 - `val`: the best validation evaluation (honest; what `eval.selection=val` keeps),
 - `test`: the best test evaluation (what the authors' code prints, best-on-test),

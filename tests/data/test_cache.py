@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_train import TINY
 from vadclip.config import apply_overrides, preset
-from vadclip.data import CacheError, DiskFeatureBank, FeatureBank, MappedFeatureBank, cache_location, load_dataset
+from vadclip.data import DiskFeatureBank, FeatureBank, MappedFeatureBank, cache_location, load_dataset
 from vadclip.data import cache as cache_module
 from vadclip.data.synthetic import ensure_synthetic
 from vadclip.train import fit
@@ -210,13 +210,18 @@ def test_cache_falls_back_to_the_home_folder(tmp_path, small_config, monkeypatch
     assert (folder / "complete").is_file() and len(data.train) > 0
 
 
-def test_unreadable_cache_is_named(tmp_path, small_config):
+def test_unreadable_cache_is_rebuilt(tmp_path, small_config, caplog):
+    caplog.set_level(logging.INFO, logger="vadclip.data.cache")
     cfg = small_config("xd", tmp_path)
-    load_dataset(cfg)
+    clean = np.array(load_dataset(cfg).test.features.data)  # a copy: the map of a truncated file faults (SIGBUS)
     folder = cache_location(cfg)
     (folder / "test.feat").write_bytes(b"truncated")
-    with pytest.raises(CacheError, match=r"test\.feat.*delete"):
-        load_dataset(cfg)
+    again = load_dataset(cfg)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line == f"feature cache {folder}: test.feat is truncated: 9 bytes, expected " \
+                   f"{(folder / 'test.feat').stat().st_size}; rebuilding"
+    assert len(_built(caplog)) == 2
+    np.testing.assert_array_equal(again.test.features.data, clean)
 
 
 def test_relative_folders_give_the_same_cache_from_any_working_folder(real, tmp_path, monkeypatch):

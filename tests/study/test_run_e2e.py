@@ -146,7 +146,8 @@ def test_interrupted_study_resumes_with_one_child_per_trial(tmp_path):
     counts = re.search(r"(\d+)/6 trials ended \((\d+) done, 0 failed\), (\d+) interrupted or never started", err)
     assert counts is not None, err[-2000:]
     done = int(counts[2])
-    assert done == int((runs["status"] == "FINISHED").sum()) and done + int(counts[3]) == 6
+    # (a trial whose run had just FINISHED when Tune stopped it is resumed, and counted with the interrupted)
+    assert done <= int((runs["status"] == "FINISHED").sum()) and done + int(counts[3]) == 6
     # the printed command, as printed: it restores the invocation's flags (2 epochs, 3 seeds)
     printed = re.search(r"Continue it with: (python -m study\.run \S+ --resume)", err)
     assert printed is not None

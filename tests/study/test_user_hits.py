@@ -122,6 +122,7 @@ def test_report_on_an_empty_store_file_changes_nothing(tmp_path, monkeypatch, ca
     store = tmp_path / "mlruns.db"
     store.touch()
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert report.main(["ablation_lgt"]) == 2
     assert "holds no MLflow tables" in capsys.readouterr().err
     assert store.stat().st_size == 0 and not is_mlflow_store(store)
@@ -170,6 +171,15 @@ def test_interrupted_and_never_started_trials_are_not_counted_done():
     line = progress.line()
     assert "7/7" not in line and "3/7 trials ended (3 done, 0 failed), 4 interrupted or never started" in line
     assert "best validation (video-level) AP" in line
+
+
+def test_a_resumed_experiment_whose_trials_had_all_ended_is_not_interrupted():
+    from study.progress import StudyProgress
+
+    progress = StudyProgress("s", 3, "val/ap", "ap")
+    trials = [FakeTrial(f"t{i}", "TERMINATED") for i in range(3)]  # restored; Tune runs no step at all
+    progress.on_experiment_end(trials)
+    assert not progress.interrupted and "3/3 trials ended (3 done, 0 failed)" in progress.line()
 
 
 def test_a_reported_trial_error_counts_failed_and_prints_one_line():
@@ -275,3 +285,15 @@ def test_config_error_in_a_trial_fails_once_in_one_line(tmp_path, capfd):
     failed = runs[runs["tags.variant"] == "bad-config"].iloc[0]
     assert failed["tags.error"].startswith("InjectedConfigError: injected failure in 'bad-config' at epoch 1")
     assert "tags.restored_from_epoch" not in runs or runs["tags.restored_from_epoch"].isna().all()  # no retry
+
+
+def test_train_bad_resume_leaves_no_empty_out_folder(tmp_path, capsys):
+    from vadclip.train import main as train_main
+
+    out = tmp_path / "new-run"
+    code = train_main(["--out", str(out), "--epochs", "1", "--resume", str(tmp_path / "nope" / "last.pt"),
+                       "--set", "data.synthetic.train_normal=8", "data.synthetic.train_abnormal=8",
+                       "data.synthetic.test_normal=4", "data.synthetic.test_abnormal=4", "model.embed_dim=32",
+                       "model.visual_length=64", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert code == 2 and "nope" in capsys.readouterr().err
+    assert not out.exists()

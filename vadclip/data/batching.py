@@ -26,7 +26,12 @@ class Bank(Protocol):
 def pool_to_length(x: np.ndarray, length: int) -> np.ndarray:
     """Authors' `uniform_extract(avg=True)`: T > length -> exactly `length` rows, row i = mean of rows
     [b_i, b_{i+1}) with b = linspace(0, T, length+1) cast to int32 (an empty chunk takes row b_i);
-    T <= length -> `x` unchanged."""
+    T <= length -> `x` unchanged.
+
+    Bit for bit theirs when every chunk has at most two rows (T <= 2 * length); with three or more, np.add.reduceat
+    sums a chunk in another order than their np.mean over the slice, so a value may differ by float32 rounding
+    (|diff| <= count * 2^-23 * mean |x| of the chunk; tests/data/test_batching.py). Their order (np.mean per row)
+    would move the pooled inputs, hence every result trained on them, by that rounding."""
     t = len(x)
     if t <= length:
         return x

@@ -54,6 +54,16 @@ def list_files(style: str) -> dict[str, str]:
             "segments": "gt_segment.npy", "segment_labels": "gt_label.npy"}
 
 
+# Other names of the frame-level ground truth that the readers accept, after list_files' own: the authors'
+# make_gt_xd.py writes gt_xd.npy while their xd_option.py reads gt.npy.
+FRAME_GT_ALIASES: dict[str, tuple[str, ...]] = {"ucf": (), "xd": ("gt_xd.npy",)}
+
+
+def frame_gt_names(style: str) -> tuple[str, ...]:
+    """Accepted file names of the frame-level ground truth in the list folder, the preferred one first."""
+    return (list_files(style)["frame_gt"], *FRAME_GT_ALIASES[style])
+
+
 def crop_file_name(video: str, k: int) -> str:
     """(`Abuse001_x264`, 3) -> `Abuse001_x264__3.npy`: the feature file of crop `k` of a video."""
     return f"{video}{CROP_SEPARATOR}{k}{FEATURE_SUFFIX}"

@@ -25,13 +25,21 @@ from vadclip.data.conventions import (
     list_files,
 )
 from vadclip.data.errors import DataError
-from vadclip.data.layout import ListRow, crop_files, feature_shape, load_features, read_ground_truth, read_list
+from vadclip.data.layout import (
+    ListRow,
+    crop_files,
+    feature_shape,
+    ground_truth_paths,
+    load_features,
+    read_ground_truth,
+    read_list,
+)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-def _parallel_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
     # np.load releases the GIL while reading: threads speed up reading tens of thousands of files
     workers = min(8, os.cpu_count() or 1)
     if workers == 1 or len(items) < 32:
@@ -81,9 +89,14 @@ def _read_item(files: Sequence[str], dim: int, pool_length: int | None) -> np.nd
     if any(a.shape != arrays[0].shape for a in arrays):
         shapes = ", ".join(f"{Path(f).name} {a.shape}" for f, a in zip(files, arrays))
         raise DataError(f"crops of one video differ in length ({shapes}); expected equal (T, {dim})")
-    # np.mean over axis 0 of (n, T, dim) is a (T, dim) array; numpy's stubs also allow a scalar
-    x = arrays[0] if len(arrays) == 1 else cast(np.ndarray, np.mean(arrays, axis=0, dtype=np.float32))
-    return pool_to_length(x, pool_length) if pool_length is not None else x
+    with np.errstate(over="ignore"):  # reported below, naming the file
+        # np.mean over axis 0 of (n, T, dim) is a (T, dim) array; numpy's stubs also allow a scalar
+        x = arrays[0] if len(arrays) == 1 else cast(np.ndarray, np.mean(arrays, axis=0, dtype=np.float32))
+        x = pool_to_length(x, pool_length) if pool_length is not None else x
+    if (len(arrays) > 1 or pool_length is not None) and not np.isfinite(x).all():  # each file is finite
+        raise DataError(f"{files[0]}: the mean over its crops or pooled snippets overflows float32; expected "
+                        f"feature values far below float32's limit (3.4e38)")
+    return x
 
 
 def _item_length(files: Sequence[str], dim: int, pool_length: int | None) -> int:
@@ -106,7 +119,7 @@ class DiskFeatureBank:
         self.dim = dim
         self.pool_length = pool_length
         if lengths is None:
-            lengths = np.asarray(_parallel_map(lambda f: _item_length(f, dim, pool_length), self.files),
+            lengths = np.asarray(parallel_map(lambda f: _item_length(f, dim, pool_length), self.files),
                                  dtype=np.int64)
         self._lengths = np.asarray(lengths, dtype=np.int64)
 
@@ -155,7 +168,7 @@ def pack(disk: DiskFeatureBank, out: np.ndarray, offsets: np.ndarray,
                             f"{offsets[i + 1] - offsets[i]} snippets, read {len(x)}")
         out[offsets[i]:offsets[i + 1]] = x if convert is None else convert(i, x)
 
-    _parallel_map(fill, range(len(disk)))
+    parallel_map(fill, range(len(disk)))
 
 
 @dataclass
@@ -311,6 +324,8 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
     `data.in_memory = False`: read from the files at each access."""
     style, d, dim = cfg.style, cfg.data, cfg.model.embed_dim
     layout = read_layout(cfg)
+    # the list folder whole before any feature is read: packing a real cache takes minutes
+    frame_gt, segments, segment_labels = read_ground_truth(layout.lists_dir, style)
     banks: dict[str, Bank]
     if d.in_memory and d.feature_cache:
         from vadclip.data.cache import open_banks  # the cache builds on this module's banks
@@ -325,10 +340,10 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
         val = EvalSet(names=layout.val_names, features=banks["val"], labels=layout.val_labels)
     test_bank, names = banks["test"], list_files(style)
     test_csv = layout.list_paths[1]
-    frame_gt, segments, segment_labels = read_ground_truth(layout.lists_dir, style)
     expected = SNIPPET_FRAMES * int(test_bank.lengths.sum())
     if len(frame_gt) != expected:
-        raise DataError(f"{layout.lists_dir / names['frame_gt']}: {len(frame_gt)} frames, expected {expected} "
+        gt_path = ground_truth_paths(layout.lists_dir, style)[0]
+        raise DataError(f"{gt_path}: {len(frame_gt)} frames, expected {expected} "
                         f"({SNIPPET_FRAMES} per snippet of the {len(test_bank)} videos of {test_csv.name}, "
                         f"in list order)")
     if len(segments) != len(test_bank):
@@ -339,3 +354,12 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
     return VadDataset(style=style, class_prompts=list(CLASS_PROMPTS[style]), class_codes=list(CLASS_CODES[style]),
                       train=banks["train"], train_labels=layout.train_labels, train_video=layout.train_video,
                       val=val, test=test, feature_dim=dim, train_names=layout.train_names)
+
+
+def describe(data: VadDataset) -> str:
+    """One line of what a dataset holds (printed once per run, so that a wrong list or split shows at the start)."""
+    videos = len(data.train_names) or len(np.unique(data.train_video))
+    val = 0 if data.val is None else len(data.val)
+    snippets = int(np.asarray(data.test.features.lengths).sum())
+    return (f"data: {len(data.train)} training crops of {videos} videos, {val} validation videos, "
+            f"{len(data.test)} test videos ({snippets} snippets)")

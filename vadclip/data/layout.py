@@ -20,13 +20,14 @@ from vadclip.data.conventions import (
     SNIPPET_FRAMES,
     check_style,
     crop_index,
+    frame_gt_names,
     list_files,
     split_crop,
 )
 from vadclip.data.errors import DataError
 
 __all__ = ["DataError", "ListRow", "read_list", "resolve_feature_path", "load_features", "feature_shape",
-           "read_ground_truth", "write_ground_truth", "crop_files"]
+           "ground_truth_paths", "read_ground_truth", "write_ground_truth", "crop_files"]
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,23 @@ def _load_object(path: Path, what: str) -> np.ndarray:
         raise DataError(f"{path}: cannot read {what} ({e})") from e
 
 
+def ground_truth_paths(lists_dir: str | Path, style: str) -> tuple[Path, Path, Path]:
+    """The frame-level, segment and segment-label ground truth files of `lists_dir` (the frame labels under the
+    first accepted name that exists, `conventions.frame_gt_names`); one DataError naming every missing one."""
+    check_style(style)
+    lists_dir, names = Path(lists_dir), list_files(style)
+    accepted = frame_gt_names(style)
+    gt_path = next((lists_dir / n for n in accepted if (lists_dir / n).is_file()), lists_dir / accepted[0])
+    seg_path, lab_path = lists_dir / names["segments"], lists_dir / names["segment_labels"]
+    missing = [p.name for p in (gt_path, seg_path, lab_path) if not p.is_file()]
+    if missing:
+        if accepted[0] in missing and len(accepted) > 1:
+            missing[0] = f"{accepted[0]} (or {', '.join(accepted[1:])}, as the authors' make_gt_{style}.py names it)"
+        raise DataError(f"{lists_dir}: ground truth {', '.join(missing)} not found; expected the authors' list "
+                        f"folder to hold the frame labels, segments and segment labels of the test list")
+    return gt_path, seg_path, lab_path
+
+
 def read_ground_truth(lists_dir: str | Path, style: str
                       ) -> tuple[np.ndarray, list[list[tuple[int, int]]], list[list[str]]]:
     """(frame_gt float32 (16*sum T,), per-video [(start, end)] frame segments, per-video labels).
@@ -183,10 +201,7 @@ def read_ground_truth(lists_dir: str | Path, style: str
     Segment coordinates may be strings in the real files (copied from annotation text): each is
     converted with int(float(x)). Labels are UCF class folder names / XD codes, `A` for normal.
     """
-    check_style(style)
-    lists_dir = Path(lists_dir)
-    names = list_files(style)
-    gt_path, seg_path, lab_path = (lists_dir / names[k] for k in ("frame_gt", "segments", "segment_labels"))
+    gt_path, seg_path, lab_path = ground_truth_paths(lists_dir, style)
     frame_gt = _load_object(gt_path, "frame-level ground truth")
     if frame_gt.dtype == object:
         raise DataError(f"{gt_path}: frame-level ground truth is an object array; expected a float 0/1 array")
