@@ -28,10 +28,12 @@ import vadclip
 from study.tracking import client, retry
 from vadclip.config import VadClipConfig, flatten
 from vadclip.errors import VadClipError
+from vadclip.portable import KERNEL_TAGS
 
 FINGERPRINT_TAG = "vadclip.fingerprint"
 REUSED_FROM_TAG = "reused_from"
-COPIED_TAGS = ("test_branch",)  # result tags of a trial run (not its identity: params and tags it sets itself)
+# result tags of a trial run (not its identity: params and tags it sets itself); the kernels that computed them
+COPIED_TAGS = ("test_branch", *KERNEL_TAGS)
 # config keys that change no result: folders (the data fingerprint stands for their content), a plot-only
 # setting, and the synthetic cache folder (its content is keyed by the synthetic config, dim and seed)
 IGNORED_KEYS = ("data.lists", "data.features", "data.cache_dir", "eval.max_plot_videos",

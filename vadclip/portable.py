@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vadclip.config import VadClipConfig
 
+KERNEL_TAGS = ("cpu_capability", "mkl_cbwr", "threads")  # a trial's MLflow tags naming its kernels
 MKL_BRANCH = "COMPATIBLE"
 BLAS_CORE = "Prescott"
 CLI_THREADS = 1  # the trainer CLI's (a study trial's is its spec's cpus_per_trial): fixed, not the machine's
@@ -136,8 +137,8 @@ class KernelState:
 
     def tags(self) -> dict[str, str]:
         """A trial's MLflow tags (the report's provenance names them)."""
-        return {"cpu_capability": self.capability + (" (forced)" if self.forced else ""), "mkl_cbwr": self.mkl_branch,
-                "threads": str(self.threads)}
+        values = (self.capability + (" (forced)" if self.forced else ""), self.mkl_branch, str(self.threads))
+        return dict(zip(KERNEL_TAGS, values))
 
     def describe(self) -> str:
         tags = self.tags()

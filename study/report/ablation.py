@@ -132,8 +132,12 @@ def variant_order(spec: StudySpec, children: pd.DataFrame) -> list[str]:
 
 
 def aggregate(values: pd.DataFrame, order: list[str], metrics: list[str]) -> pd.DataFrame:
-    """mean/std (ddof=1)/n and the 95 % t-interval of the mean per variant of each metric, as logged."""
+    """mean/std (ddof=1)/n and the 95 % t-interval of the mean per variant of each metric, as logged; a row's
+    runs in seed order (sums in the order trials finished would change the last digits from run to run)."""
     columns: dict[str, Any] = {}  # built at once: a column at a time fragments the frame
+    if "tags.seed" in values:
+        seeds = pd.to_numeric(values["tags.seed"], errors="coerce")
+        values = values.assign(_seed=seeds).sort_values(["_seed", "tags.seed"], kind="stable").drop(columns="_seed")
     grouped = values.groupby("tags.variant")
     for m in metrics:
         column = grouped[m]

@@ -12,6 +12,7 @@ import pandas as pd
 from study.report.context import Context, tag
 from study.report.render import date_text
 from study.tracking import SOURCE_DIGEST_TAG
+from vadclip.portable import KERNEL_TAGS
 
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
@@ -63,7 +64,7 @@ def kernels_note(children: pd.DataFrame) -> str:
         column = children.get(f"tags.{key}")
         return " / ".join(sorted(map(str, column.dropna().unique()))) if column is not None else ""
 
-    capability, mkl, threads = seen("cpu_capability"), seen("mkl_cbwr"), seen("threads")
+    capability, mkl, threads = map(seen, KERNEL_TAGS)
     if not capability:
         return ""
     mkl_text = f", MKL CNR {mkl}" if mkl and mkl != "n/a" else ""
