@@ -47,19 +47,26 @@ def test_topk_mean_selects_as_torch_topk_and_routes_its_gradient():
         torch.testing.assert_close(out[b, 0], expected.values.mean())
 
 
-def test_bce_loss_and_gradient_equal_the_authors_clas2_on_a_tie():
-    scores, lengths = _tied_scores()
-    logits = torch.logit(scores.clamp(0.05, 0.95))  # the tie survives the sigmoid; padding stays largest
-    labels = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    ours_in, ref_in = logits[..., None].clone().requires_grad_(True), logits[..., None].clone().requires_grad_(True)
-    ours = mil_bce_loss(ours_in, lengths, labels, topk_k(lengths))
-    ref = clas2(ref_in, labels, lengths)
+def _same_loss_gradients(x: torch.Tensor, ours_fn, ref_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our loss and the authors' on copies of `x`: asserted equal; returns both gradients with respect to `x`."""
+    ours_in, ref_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours, ref = ours_fn(ours_in), ref_fn(ref_in)
     ours.backward()
     ref.backward()
     assert ours_in.grad is not None and ref_in.grad is not None
     torch.testing.assert_close(ours, ref)
-    assert _picked(ours_in.grad) == _picked(ref_in.grad)  # the same snippets, tie included
-    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    return ours_in.grad, ref_in.grad
+
+
+def test_bce_loss_and_gradient_equal_the_authors_clas2_on_a_tie():
+    scores, lengths = _tied_scores()
+    logits = torch.logit(scores.clamp(0.05, 0.95))  # the tie survives the sigmoid; padding stays largest
+    labels = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    ours_grad, ref_grad = _same_loss_gradients(logits[..., None], lambda x: mil_bce_loss(x, lengths, labels,
+                                                                                        topk_k(lengths)),
+                                               lambda x: clas2(x, labels, lengths))
+    assert _picked(ours_grad) == _picked(ref_grad)  # the same snippets, tie included
+    torch.testing.assert_close(ours_grad, ref_grad)
 
 
 def test_align_loss_and_gradient_equal_the_authors_clasm_on_ties_in_some_classes():
@@ -67,16 +74,11 @@ def test_align_loss_and_gradient_equal_the_authors_clasm_on_ties_in_some_classes
     classes = torch.stack([scores, -scores, scores.flip(1)], dim=-1)  # (2, L, 3): class 0 holds video 0's tie
     classes[0, :20, 1] = 0.5  # class 1: every valid score of video 0 equal
     labels = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
-    ours_in, ref_in = classes.clone().requires_grad_(True), classes.clone().requires_grad_(True)
-    ours = mil_align_loss(ours_in, lengths, labels, topk_k(lengths))
-    ref = clasm(ref_in, labels, lengths)
-    ours.backward()
-    ref.backward()
-    assert ours_in.grad is not None and ref_in.grad is not None
-    torch.testing.assert_close(ours, ref)
+    ours_grad, ref_grad = _same_loss_gradients(classes, lambda x: mil_align_loss(x, lengths, labels, topk_k(lengths)),
+                                               lambda x: clasm(x, labels, lengths))
     for c in range(3):
-        assert _picked(ours_in.grad[..., c]) == _picked(ref_in.grad[..., c]), c
-    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+        assert _picked(ours_grad[..., c]) == _picked(ref_grad[..., c]), c
+    torch.testing.assert_close(ours_grad, ref_grad)
 
 
 def test_without_ties_the_value_is_unchanged_bit_for_bit():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from vadclip.config import SyntheticConfig, VadClipConfig, preset
-from vadclip.data import write_synthetic
+from vadclip.data import ensure_synthetic, write_synthetic
 
 DIM = 32
 SMALL = {"train_normal": 6, "train_abnormal": 6, "test_normal": 4, "test_abnormal": 5, "crops": 2,
@@ -32,6 +33,20 @@ def _small_synthetic_fixture():
 @pytest.fixture(name="small_config")
 def _small_config_fixture():
     return small_config
+
+
+@pytest.fixture
+def real(tmp_path, small_config):
+    """A copy of a small synthetic layout read as the real dataset: (config maker, lists dir, features dir)."""
+    made = small_config("xd", tmp_path / "syn")
+    lists, _ = ensure_synthetic(made.data.synthetic, DIM, made.seed, made.data.cache_dir)
+    copy = shutil.copytree(lists.parent, tmp_path / "copy")
+
+    def config(**overrides):
+        return small_config("xd", tmp_path / "syn", **{"data.dataset": "xd", "data.lists": str(copy / "list"),
+                                                       "data.features": str(copy / "features"), **overrides})
+
+    return config, copy / "list", copy / "features"
 
 
 @pytest.fixture(scope="session", params=["ucf", "xd"])

@@ -42,18 +42,6 @@ def _built(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "vadclip.data.cache" and " built in " in r.getMessage()]
 
 
-@pytest.fixture
-def real(tmp_path, small_config):
-    """A copy of a small synthetic layout read as the real dataset: (config maker, lists dir, features dir)."""
-    made = small_config("xd", tmp_path / "syn")
-    lists, _ = ensure_synthetic(made.data.synthetic, DIM, made.seed, made.data.cache_dir)
-    copy = shutil.copytree(lists.parent, tmp_path / "copy")
-
-    def config(**overrides):
-        return small_config("xd", tmp_path / "syn", **{"data.dataset": "xd", "data.lists": str(copy / "list"),
-                                                       "data.features": str(copy / "features"), **overrides})
-
-    return config, copy / "list", copy / "features"
 
 
 @pytest.mark.parametrize("style", ["ucf", "xd"])

@@ -5,7 +5,6 @@ checked before any feature is packed, and the CLI says what it loaded."""
 import json
 import logging
 import pickle
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -19,10 +18,7 @@ from vadclip.config import preset
 from vadclip.data import DataError, cache_location, load_dataset, read_layout
 from vadclip.data import cache as cache_module
 from vadclip.data.dataset import describe
-from vadclip.data.synthetic import ensure_synthetic
 from vadclip.train import main
-
-DIM = 32  # as in conftest.py
 
 
 def _warnings(caplog) -> list[str]:
@@ -149,18 +145,6 @@ def test_cli_on_a_damaged_cache_rebuilds_and_gives_the_clean_numbers(tmp_path, c
 # ---------------------------------------------------------------- feature files
 
 
-@pytest.fixture
-def real(tmp_path, small_config):
-    """A copy of a small synthetic layout read as the real dataset: (config maker, lists dir, features dir)."""
-    made = small_config("xd", tmp_path / "syn")
-    lists, _ = ensure_synthetic(made.data.synthetic, DIM, made.seed, made.data.cache_dir)
-    copy = shutil.copytree(lists.parent, tmp_path / "copy")
-
-    def config(**overrides):
-        return small_config("xd", tmp_path / "syn", **{"data.dataset": "xd", "data.lists": str(copy / "list"),
-                                                       "data.features": str(copy / "features"), **overrides})
-
-    return config, copy / "list", copy / "features"
 
 
 @pytest.mark.parametrize("part,value", [("train", np.nan), ("test", np.inf)])
