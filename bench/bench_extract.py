@@ -100,7 +100,7 @@ RAY_CASES = [("vadclip-tiny", 10, "mean", 96), ("ViT-B-16", 1, "mean", 32)]  # m
 
 def ray_comparison(tmp: Path, batch_size: int) -> None:
     """Local (1 process) vs Ray (2 workers × 1 CPU), frames/s of the whole extraction, one row per case."""
-    from vadclip.extract_cluster import start_ray
+    from vadclip.extract.cluster import start_ray
 
     start_ray("local")
     print(f"\n{'model':<13} {'crops':>5} {'videos':>6} {'frames':>6} {'local f/s':>10} {'ray 2x1 f/s':>12} "

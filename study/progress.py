@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from study import record
 from study.tracking import TRIAL_ERROR
 from vadclip.metrics import label, percent_scale
 
@@ -171,8 +172,8 @@ class StudyProgress(Callback):
 
 def _trial_name(trial: Any) -> str:
     config = getattr(trial, "config", {}) or {}
-    variant = config.get("variant")
-    seed = config.get("seed", ",".join(map(str, config.get("seeds", []))))  # a fused trial: its seeds
+    variant = config.get(record.TRIAL_VARIANT)
+    seed = config.get(record.TRIAL_SEED, ",".join(map(str, config.get(record.TRIAL_SEEDS, []))))  # fused: its seeds
     return f"s{seed} · {variant}" if variant else f"s{seed} · {trial.trial_id}"
 
 

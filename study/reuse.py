@@ -25,15 +25,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import vadclip
+from study import record
 from study.tracking import client, retry
 from vadclip.config import VadClipConfig, flatten
 from vadclip.errors import VadClipError
-from vadclip.portable import KERNEL_TAGS
 
-FINGERPRINT_TAG = "vadclip.fingerprint"
-REUSED_FROM_TAG = "reused_from"
 # result tags of a trial run (not its identity: params and tags it sets itself); the kernels that computed them
-COPIED_TAGS = ("test_branch", *KERNEL_TAGS)
+COPIED_TAGS = (record.TEST_BRANCH, *record.KERNEL_TAGS)
 # config keys that change no result: folders (the data fingerprint stands for their content), a plot-only
 # setting, and the synthetic cache folder (its content is keyed by the synthetic config, dim and seed)
 IGNORED_KEYS = ("data.lists", "data.features", "data.cache_dir", "eval.max_plot_videos",
@@ -173,7 +171,7 @@ def _get_run(c: MlflowClient, run_id: str) -> Run | None:
 def _original(c: MlflowClient, run: Run) -> Run:
     """The run a copy came from (following a chain of copies), or `run` itself."""
     seen = {run.info.run_id}
-    while (source_id := run.data.tags.get(REUSED_FROM_TAG)) and source_id not in seen:
+    while (source_id := record.get(run.data.tags, record.REUSED_FROM)) and source_id not in seen:
         source = _get_run(c, source_id)
         if source is None:
             break
@@ -203,7 +201,7 @@ def _active_experiments(c: MlflowClient) -> list[str]:
 def _runs_with(c: MlflowClient, fingerprint: str) -> list[Run]:
     found: list[Run] = []
     ids = _active_experiments(c)
-    query = f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'"
+    query = record.fingerprint_filter(fingerprint)
     for i in range(0, len(ids), 100):  # keep the SQL IN (...) list short
         token = None
         while True:
@@ -222,7 +220,7 @@ def find_reusable(uri: str, fingerprint: str, exclude_run_id: str | None = None)
     is still FINISHED and not deleted, else the copy itself."""
     c = client(uri)
     runs = [r for r in _runs_with(c, fingerprint) if r.info.run_id != exclude_run_id]
-    originals = [r for r in runs if REUSED_FROM_TAG not in r.data.tags]
+    originals = [r for r in runs if record.REUSED_FROM not in r.data.tags]
     if originals:
         return originals[0].info.run_id
     if not runs:
@@ -283,5 +281,5 @@ def copy_results(uri: str, source_run_id: str, target_run_id: str) -> None:
                 retry(c.log_artifact, target_run_id, str(local / path), folder)
 
     tags = [RunTag(k, source.data.tags[k]) for k in COPIED_TAGS if k in source.data.tags]
-    tags.append(RunTag(REUSED_FROM_TAG, original.info.run_id))
+    tags.append(RunTag(record.REUSED_FROM, original.info.run_id))
     retry(c.log_batch, target_run_id, tags=tags)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from study import record, stages
 from study import spec as specs
 from study.interrupt import SigintLatch
 from study.tracking import (
-    SOURCE_DIGEST_TAG,
     check_tracking_uri,
     client,
     close_unfinished_children,
@@ -33,6 +33,7 @@ from study.tracking import (
     record_failed_trials,
     reopen,
     set_status,
+    sqlite_path,
     start_parent,
     tune_failures,
     ui_url,
@@ -339,16 +340,17 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
 
     prepare_store(uri)
     experiment_id = ensure_experiment(uri, spec.name, opts.project / "mlartifacts", description=spec.description)
-    tags = {"study": spec.name, "study.kind": spec.kind, "dataset": p.dataset,
-            "selection": p.base.eval.selection, "map_protocol": p.base.eval.map_protocol,
-            "code_version": code_version(), SOURCE_DIGEST_TAG: source_digest()}
+    tags = {record.STUDY: spec.name, record.STUDY_KIND: spec.kind, record.DATASET: p.dataset,
+            record.SELECTION: p.base.eval.selection, record.MAP_PROTOCOL: p.base.eval.map_protocol,
+            record.CODE_VERSION: code_version(), record.SOURCE_DIGEST: source_digest()}
     if opts.resume:
         run_name, parent_id = previous["run_name"], previous["parent_run_id"]
         reopen(uri, parent_id)
     else:
         run_name = new_run_name(spec.name)
         parent_id = start_parent(uri, experiment_id, run_name, tags,
-                                 {"study.trials": len(p.trials), "study.seeds": len(p.seeds), **flatten(p.base)})
+                                 {record.PLANNED_TRIALS: len(p.trials), record.PLANNED_SEEDS: len(p.seeds),
+                                  **flatten(p.base)})
         client(uri).log_text(parent_id, spec.text(), f"{spec.name}.yaml")
     invocation = Invocation(uri, experiment_id, parent_id, run_name, storage, tags, state_file, opts.invocation(),
                             reports)
@@ -397,7 +399,7 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
         _stop_if_signalled(spec, latch, "before the confirmation stage")
         rows = confirm_rows(spec, p, inv, p.confirm_top)
         seeds = list(p.confirm_seeds)
-        confirm = Stage("confirm", f"{inv.run_name}-confirm", rows, seeds, len(rows) * len(seeds))
+        confirm = Stage(record.CONFIRM, f"{inv.run_name}-confirm", rows, seeds, len(rows) * len(seeds))
         more = _fit_stage(spec, opts, p, data, inv, confirm, fingerprints, latch)
         stopped += close_unfinished_children(uri, inv.experiment_id, parent_id, more)
         failures = {**failures, **more}
@@ -430,14 +432,10 @@ def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv
     failures: dict[str, Any] = {}
     n = len(p.seeds)
     while True:
-        half = reference_half_width(spec, p, inv, n)
-        done = half == half and half <= target
-        if done or n >= cap:
-            verdict = (f"half-width {half:.2f} <= target {target:g}" if done
-                       else f"cap {cap} reached with half-width {half:.2f} > target {target:g}")
-            reason = (f"{verdict} points (95 % t-interval of the full row {spec.full!r} on {p.metric}) "
-                      f"at {n} seeds per row")
-            client(inv.uri).set_tag(inv.parent_id, "seeds.auto", reason)
+        half = stages.reference_half_width(trial_views(inv), spec.full, p.metric, p.base.seed + n)
+        verdict = stages.seeds_verdict(half, n, target, cap, spec.full, p.metric)
+        if verdict.stop:
+            client(inv.uri).set_tag(inv.parent_id, record.SEEDS_AUTO, verdict.reason)
             return failures
         _stop_if_signalled(spec, latch, f"before seed round {n + 1}")
         seed = p.base.seed + n
@@ -448,25 +446,16 @@ def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv
         failures.update(more)
 
 
-def reference_half_width(spec: specs.StudySpec, p: Plan, inv: Invocation, n: int) -> float:
-    """Half the 95 % t-interval (in the table's units: percent for AUC/AP/AnoAUC) of the full row's study metric
-    over its FINISHED trials of the first `n` seeds (a resumed invocation replays the rounds as they were decided);
-    NaN with fewer than 2."""
-    from study.report.stats import t_interval
-    from vadclip.metrics import percent_scale
-
-    key = f"final/{mlflow_key(p.metric)}"
-    values = [r.data.metrics[key] for r in child_runs(inv.uri, inv.experiment_id, inv.parent_id)
-              if r.info.status == "FINISHED" and r.data.tags.get("variant") == spec.full and key in r.data.metrics
-              and r.data.tags.get("seed", "").isdigit() and int(r.data.tags["seed"]) < p.base.seed + n]
-    low, high = t_interval(values)
-    return (high - low) / 2 * percent_scale(p.metric)
+def trial_views(inv: Invocation) -> list[record.TrialView]:
+    """The invocation's trial runs so far, as the stage policies read them."""
+    return [record.TrialView.of(r) for r in child_runs(inv.uri, inv.experiment_id, inv.parent_id)]
 
 
 def optuna_storage_url(uri: str, project: Path) -> str:
     """Where a search's Optuna study lives: an SQLite file beside the MLflow SQLite store (`optuna.db`), or in the
     project folder when MLflow is a server. `optuna-dashboard <url>` opens it."""
-    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else project
+    store = sqlite_path(uri)
+    folder = store.parent if store is not None else project
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
@@ -479,8 +468,8 @@ def optuna_storage(inv: Invocation, opts: RunOptions) -> Any:
     if not opts.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
     url = optuna_storage_url(inv.uri, opts.project)
-    client(inv.uri).set_tag(inv.parent_id, "optuna.storage", url)
-    client(inv.uri).set_tag(inv.parent_id, "optuna.study", inv.run_name)
+    client(inv.uri).set_tag(inv.parent_id, record.OPTUNA_STORAGE, url)
+    client(inv.uri).set_tag(inv.parent_id, record.OPTUNA_STUDY, inv.run_name)
     return optuna.storages.RDBStorage(url)
 
 
@@ -488,24 +477,12 @@ def confirm_rows(spec: specs.StudySpec, p: Plan, inv: Invocation, top: int) -> d
     """The confirmation stage's rows: the base configuration and the `top` distinct configurations of the search
     trials by the validation metric the search optimised (test metric under selection=test), ties by trial id;
     read from MLflow, so a resumed invocation picks the same ones."""
-    selection = p.base.eval.selection
-    key = f"final/val/{p.metric}" if selection == "val" else f"final/{p.metric}"
-    trials = [r for r in child_runs(inv.uri, inv.experiment_id, inv.parent_id)
-              if r.info.status == "FINISHED" and r.data.tags.get("stage", "search") == "search"
-              and key in r.data.metrics]
-    trials.sort(key=lambda r: (-r.data.metrics[key], r.data.tags.get("trial_id", "")))
-    if not trials:
+    key, candidates = stages.confirm_candidates(trial_views(inv), spec.space, p.base.eval.selection, p.metric, top)
+    if not candidates:
         raise StudyError(f"study {spec.name}: no FINISHED search trial logged {key}; nothing to confirm")
-    rows, seen = {specs.CONFIRM_BASE: p.base}, []
-    for run in trials:  # distinct configurations: a searcher may sample one twice
-        values = {k: run.data.params[k] for k in spec.space if k in run.data.params}
-        if values in seen:
-            continue
-        seen.append(values)
-        shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
-        rows[f"top{len(seen)} · {shown}"] = specs.apply_trial(p.base, values)
-        if len(seen) == top:
-            break
+    rows = {specs.CONFIRM_BASE: p.base}
+    for i, candidate in enumerate(candidates, 1):
+        rows[f"top{i} · {candidate.shown}"] = specs.apply_trial(p.base, dict(candidate.values))
     return rows
 
 
@@ -523,15 +500,15 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
 
     uri, experiment_id, parent_id = inv.uri, inv.experiment_id, inv.parent_id
     base = p.base
-    tags = {**inv.tags, "stage": stage.name}
-    metric = mlflow_key(f"{base.eval.selection}/{p.metric}")
+    tags = {**inv.tags, record.STAGE: stage.name}
+    metric = mlflow_key(record.objective_key(base.eval.selection, p.metric))
     ctx = TrialContext(study=spec.name, base=base, rows=stage.rows, tracking_uri=uri, experiment_id=experiment_id,
                        parent_run_id=parent_id, tags=tags, cpus_per_trial=spec.resources["cpu"],
                        reuse=opts.reuse, fail_at_epoch=dict(opts.fail_at_epoch), objective=metric, **fingerprints)
     trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, ctx=ctx), spec.resources)
-    label = spec.name if stage.name != "confirm" else f"{spec.name} confirm"
+    label = spec.name if stage.name != record.CONFIRM else f"{spec.name} confirm"
     # the Tune trials of a grid stage: one per row and group of fused seeds (a group of one: a plain seed trial)
-    groups = specs.seed_groups(stage.seeds, p.fuse) if stage.name != "search" else []
+    groups = specs.seed_groups(stage.seeds, p.fuse) if stage.name != record.SEARCH else []
     fused = any(len(g) > 1 for g in groups)
     progress = StudyProgress(label, len(stage.rows) * len(groups) if fused else stage.total, metric, p.metric)
     run_config = tune.RunConfig(
@@ -552,15 +529,15 @@ def _fit_stage(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv:
             return trial.trial_id
 
         param_space: dict[str, Any]
-        if stage.name != "search":  # a grid of rows × seeds: an ablation, or a search's confirmation
-            seeds: dict[str, Any] = ({"seeds": tune.grid_search(groups)} if fused
-                                     else {"seed": tune.grid_search(stage.seeds)})
-            param_space = {"variant": tune.grid_search(list(stage.rows)), **seeds}
+        if stage.name != record.SEARCH:  # a grid of rows × seeds: an ablation, or a search's confirmation
+            seeds: dict[str, Any] = ({record.TRIAL_SEEDS: tune.grid_search(groups)} if fused
+                                     else {record.TRIAL_SEED: tune.grid_search(stage.seeds)})
+            param_space = {record.TRIAL_VARIANT: tune.grid_search(list(stage.rows)), **seeds}
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent or None,
                                           trial_dirname_creator=trial_id, trial_name_creator=trial_id,
                                           reuse_actors=spec.reuse_workers)
         else:
-            param_space = {"seed": stage.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
+            param_space = {record.TRIAL_SEED: stage.seeds[0], **{k: d.tune() for k, d in spec.space.items()}}
             searcher: Searcher = OptunaSearch(metric=metric, mode="max", seed=stage.seeds[0],
                                               study_name=inv.run_name, storage=optuna_storage(inv, opts))
             if spec.max_concurrent:

@@ -3,10 +3,12 @@ against one invocation (dataset, flags) into the configs its trials run."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Self, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -16,41 +18,301 @@ from vadclip.config import ConfigError, VadClipConfig, apply_overrides, coerce, 
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS, MAP_LEVELS
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 SPEC_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = ("ablation", "search")
 DATASETS = ("synthetic", "ucf", "xd")
 SCHEDULERS = ("asha", "fifo")
-TOP_KEYS = {
-    "name": str, "kind": str, "description": str, "preset": str, "variant": str, "metric": str,
-    "seeds": int, "num_samples": int, "max_concurrent": int, "max_failures": int,
-    "resources": dict, "base": dict, "variants": list, "full": str, "space": dict, "scheduler": dict,
-    "paper_table": int, "confirm": dict, "columns": list, "seeds_auto": dict, "reuse_workers": bool,
-    "fuse_seeds": (int, str),
-}
-VARIANT_KEYS = {"name": str, "set": dict, "paper": dict, "variant": str}
 PAPER_METRICS = (*CORE_METRICS, *MAP_LEVELS)  # what a row may quote from the paper and a table may show
 STYLES = ("ucf", "xd")
 VARIANTS = ("official", "paper")  # vadclip.config presets: the authors' code, the paper's text
-RESOURCE_KEYS = {"cpu": (int, float), "gpu": (int, float)}
-SCHEDULER_KEYS = {"type": str, "grace_period": int, "reduction_factor": int}
-CONFIRM_KEYS = {"top": int, "seeds": int}
-SEEDS_AUTO_KEYS = {"target": (int, float), "cap": int}
-SEEDS_AUTO_DEFAULT = {"target": 1.0, "cap": 10}  # --seeds auto: CI half-width (points) and most seeds per row
-CONFIRM_DEFAULT = {"top": 3, "seeds": 3}  # a search's confirmation stage: top-k configs × fresh seeds, with the base
 FUSE_AUTO_MOST = 5  # fuse_seeds auto: at most this many seeds of a row in one trial (on a GPU)
-CONFIRM_BASE = "base"  # that stage's reference row (the search's base configuration), for the run and the report
+CONFIRM_BASE = "base"  # a search's confirmation stage's reference row (its base configuration), for run and report
 
 
 class SpecError(VadClipError, ValueError):
     """A study YAML that cannot be run; the message names the file, the key and what is allowed."""
 
 
+# ---------------------------------------------------------------- the schema: a dataclass field is a YAML key
+# StudySpec, Variant and the blocks are read the same way: the YAML's keys are the fields' names, their types the
+# fields' types (a tuple written as a list, a block or dict as a mapping), a key left out takes the field's default.
+# What a type cannot say (allowed values, a minimum, how to read the value) is the field's _Rule, in its metadata.
+
+_RULE = "study.spec"  # the metadata key of a field's _Rule
+_Reader = Callable[[Any, str], Any]  # (the YAML's value, where for errors) -> the field's value
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What a field's type cannot say about its YAML value."""
+
+    choices: tuple[str, ...] = ()  # the allowed values, in the order the error lists them
+    least: int | None = None  # the smallest allowed value
+    note: str = ""  # said after that bound in its error: what the bound means
+    read: _Reader | None = None  # builds the field's value from the YAML's (checked) value
+    key: str | None = None  # the YAML key when it is not the field's name; "" = not a YAML key
+
+
+_NO_RULE = _Rule()
+
+
+def _rule(*, choices: tuple[str, ...] = (), least: int | None = None, note: str = "", read: _Reader | None = None,
+          key: str | None = None) -> dict[str, _Rule]:
+    """A field's metadata: `field(default=..., metadata=_rule(...))`."""
+    return {_RULE: _Rule(choices, least, note, read, key)}
+
+
+class _Entry(NamedTuple):
+    field: Field[Any]
+    yaml: type | tuple[type, ...]  # the type its YAML value must have
+    rule: _Rule
+    block: type[Block] | None  # the value is a nested block: read by its from_yaml
+
+
+def _yaml_type(hint: Any) -> type | tuple[type, ...]:
+    """The YAML type a field type is written as; `X | None` is X (null is refused: leave the key out instead)."""
+    if isinstance(hint, UnionType):  # str | None, int | float
+        types = tuple(t for t in get_args(hint) if t is not type(None))
+        return _yaml_type(types[0]) if len(types) == 1 else types
+    origin = get_origin(hint) or hint
+    return list if origin is tuple else dict if issubclass(origin, dict) else origin
+
+
+@cache
+def _schema(cls: type[DataclassInstance]) -> dict[str, _Entry]:
+    """The YAML keys of dataclass `cls`, in its field order (the order errors list them and check them)."""
+    hints = get_type_hints(cls)
+    entries = {}
+    for f in fields(cls):
+        rule = f.metadata.get(_RULE, _NO_RULE)
+        block = hints[f.name] if isinstance(hints[f.name], type) and issubclass(hints[f.name], Block) else None
+        if rule.key != "":
+            entries[f.name if rule.key is None else rule.key] = _Entry(f, _yaml_type(hints[f.name]), rule, block)
+    return entries
+
+
+def _required(cls: type[DataclassInstance]) -> list[str]:
+    """The YAML keys of `cls` without a default."""
+    return [k for k, e in _schema(cls).items() if e.field.default is MISSING and e.field.default_factory is MISSING]
+
+
+def _check_keys(raw: dict[str, Any], cls: type[DataclassInstance], where: str) -> None:
+    """Every key of `raw` is a YAML key of `cls`, its value of that key's type (a bool is no number)."""
+    allowed = {k: e.yaml for k, e in _schema(cls).items()}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise SpecError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+        if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is not bool:
+            expected = allowed[key]
+            names = "/".join(t.__name__ for t in expected) if isinstance(expected, tuple) else expected.__name__
+            raise SpecError(f"{where}: key {key!r} must be a {names}, got {value!r}")
+
+
+def _values(cls: type[DataclassInstance], raw: dict[str, Any], where: str, label: str = "") -> dict[str, Any]:
+    """The field values of `cls` that `raw` (keys and types checked) writes, each checked against its rule and
+    read, in field order: a file with several errors reports its first field's."""
+    values = {}
+    for key, (f, _, rule, block) in _schema(cls).items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if rule.choices and value not in rule.choices:
+            raise SpecError(f"{where}: {label}{key} {value!r} unknown; allowed: {', '.join(rule.choices)}")
+        if rule.least is not None and value < rule.least:
+            raise SpecError(f"{where}: {label}{key} must be >= {rule.least}{rule.note}, got {value}")
+        if block is not None:
+            value = block.from_yaml(value, where, key)
+        elif rule.read is not None:
+            value = rule.read(value, where)
+        values[f.name] = value
+    return values
+
+
+# ---------------------------------------------------------------- readers: a YAML value into a field's value
+
+
+def _overrides(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Config overrides {dotted key: value}, each checked and coerced by vadclip.config."""
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = coerce(key, value)
+        except ConfigError as err:
+            raise SpecError(f"{where}: {err}") from err
+    return out
+
+
+def _base(values: dict[str, Any], where: str) -> dict[str, Any]:
+    return _overrides(values, f"{where}: base")
+
+
+def _paper(paper: dict[str, Any], where: str) -> dict[str, Any]:
+    """A row's paper numbers: {metric: value} or {style: {metric: value}}."""
+    styled = any(k in STYLES for k in paper)
+    for style, numbers in (paper.items() if styled else [("", paper)]):
+        if style not in (*STYLES, ""):
+            raise SpecError(f"{where}: paper: mix of styles and metrics; use {{metric: value}} or "
+                            f"{{ucf: {{...}}, xd: {{...}}}}, got key {style!r}")
+        bad = [k for k in numbers if k not in PAPER_METRICS]
+        if bad or not isinstance(numbers, dict):
+            raise SpecError(f"{where}: paper metric {(bad or [numbers])[0]!r} unknown; allowed: "
+                            f"{', '.join(PAPER_METRICS)}")
+    return paper
+
+
+def _check_domain(key: str, raw: Any, where: str) -> Domain:
+    try:
+        return Domain.parse(key, raw)
+    except SpaceError as err:
+        raise SpecError(f"{where}: space.{key}: {err}") from err
+
+
+def _space(raw: dict[str, Any], where: str) -> dict[str, Domain]:
+    return {k: _check_domain(k, d, where) for k, d in raw.items()}
+
+
+def _columns(raw: list[Any], where: str) -> tuple[str, ...]:
+    bad = [c for c in raw if c not in PAPER_METRICS]
+    if bad:
+        raise SpecError(f"{where}: columns: metric {bad[0]!r} unknown; allowed: {', '.join(PAPER_METRICS)}")
+    return tuple(raw)
+
+
+def check_fuse_seeds(value: Any, where: str) -> int | str:
+    """`fuse_seeds`: a positive int or auto; SpecError naming `where` otherwise."""
+    if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise SpecError(f"{where}: fuse_seeds must be auto or an integer >= 1 (1 = no fusing), got {value!r}")
+
+
+# ---------------------------------------------------------------- nested blocks
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Block(dict[str, Any]):
+    """A nested mapping of a study YAML (resources, scheduler, ...): a frozen dataclass of its keys that is also the
+    read-only dict of them its callers have always read (spec.resources["cpu"]; Tune's with_resources takes only a
+    dict; run and report print them), so equality, repr and JSON stay the dict's."""
+
+    def __post_init__(self) -> None:
+        dict.update(self, self._shown())
+
+    def _shown(self) -> dict[str, Any]:
+        """The dict view: every field, in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_yaml(cls, raw: dict[str, Any], where: str, key: str) -> Self:
+        """The block written under `key`: its keys, types and fields' rules, then the block's own check."""
+        _check_keys(raw, cls, f"{where}: {key}")
+        block = cls(**_values(cls, raw, where, f"{key}."))
+        problem = block.problem(raw)
+        if problem:
+            raise SpecError(f"{where}: {problem}")
+        return block
+
+    def problem(self, raw: dict[str, Any]) -> str | None:
+        """What is wrong across fields, quoting the block as written (`raw`); None when nothing."""
+        return None
+
+    def _frozen(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} is frozen; use dataclasses.replace")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _frozen
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy and pickle rebuild it from its fields (dict's own way refills it through the refused __setitem__)
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Resources(Block):
+    """What one trial reserves (Tune's resources per trial)."""
+
+    cpu: int | float = 1
+    gpu: int | float = 0
+
+    def problem(self, raw: dict[str, Any]) -> str | None:
+        if self.cpu <= 0 or self.gpu < 0:
+            return f"resources need cpu > 0 and gpu >= 0, got {raw}"
+        return None
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Scheduler(Block):
+    """A search's trial scheduler; the dict holds type and only the keys the YAML sets (in its order), as the
+    report prints them; study.run defaults the rest (grace_period 1, reduction_factor 2)."""
+
+    type: str = field(default="asha", metadata=_rule(choices=SCHEDULERS))
+    grace_period: int | None = field(default=None, metadata=_rule(least=1))  # None: not set
+    reduction_factor: int | None = field(default=None, metadata=_rule(least=2))  # None: not set
+    # the YAML's key order, for the dict view (the report prints k=v in it); not itself a YAML key
+    order: tuple[str, ...] = field(default=("grace_period", "reduction_factor"), metadata=_rule(key=""))
+
+    def _shown(self) -> dict[str, Any]:
+        later = (k for k in self.order if k != "type" and getattr(self, k) is not None)
+        return {"type": self.type, **{k: getattr(self, k) for k in later}}
+
+    @classmethod
+    def from_yaml(cls, raw: dict[str, Any], where: str, key: str) -> Self:
+        return replace(super().from_yaml(raw, where, key), order=tuple(raw))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Confirm(Block):
+    """A search's confirmation stage: its top configs by validation and the base, retrained on fresh seeds."""
+
+    top: int = 3  # 0 = no confirmation stage
+    seeds: int = 3
+
+    def problem(self, raw: dict[str, Any]) -> str | None:
+        if self.top < 0 or self.seeds < 1:
+            return f"confirm needs top >= 0 (0 = no confirmation stage) and seeds >= 1, got {raw}"
+        return None
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SeedsAuto(Block):
+    """--seeds auto: add seeds to an ablation's rows until the CI half-width is `target` points, at most `cap`."""
+
+    target: int | float = 1.0
+    cap: int = 10
+
+    def problem(self, raw: dict[str, Any]) -> str | None:
+        if self.target <= 0 or self.cap < 2:
+            return f"seeds_auto needs target > 0 (points) and cap >= 2, got {raw}"
+        return None
+
+
+# ---------------------------------------------------------------- rows and the study
+
+
 @dataclass(frozen=True)
 class Variant:
+    """An ablation row; written {name, set, paper, variant}."""
+
     name: str
-    overrides: dict[str, Any]
-    paper: dict[str, Any] = field(default_factory=dict)  # the paper's numbers: {metric: v} or {style: {metric: v}}
-    variant: str | None = None  # the preset variant of this row (official | paper); None: the study's
+    overrides: dict[str, Any] = field(default_factory=dict, metadata=_rule(key="set", read=_overrides))
+    # the paper's numbers: {metric: v} or {style: {metric: v}}
+    paper: dict[str, Any] = field(default_factory=dict, metadata=_rule(read=_paper))
+    # the preset variant of this row (official | paper); None: the study's
+    variant: str | None = field(default=None, metadata=_rule(choices=VARIANTS))
+
+    @classmethod
+    def from_yaml(cls, raw: Any, where: str) -> Variant:
+        """The row written at `where` (variants[i]); SpecError naming it otherwise."""
+        if not isinstance(raw, dict):
+            raise SpecError(f"{where}: expected a mapping with name/set/paper, got {raw!r}")
+        _check_keys(raw, cls, where)
+        for key in _required(cls):
+            if key not in raw:
+                raise SpecError(f"{where}: missing required key {key!r}")
+        return cls(**_values(cls, raw, where))
 
     def paper_values(self, style: str) -> dict[str, float]:
         """The paper's numbers for this row on `style` data (ucf | xd)."""
@@ -59,33 +321,48 @@ class Variant:
         return dict(self.paper)
 
 
+def _variants(raw: list[Any], where: str) -> tuple[Variant, ...]:
+    variants = tuple(Variant.from_yaml(v, f"{where}: variants[{i}]") for i, v in enumerate(raw))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: variant names must be unique, got {names}")
+    return variants
+
+
 @dataclass(frozen=True)
 class StudySpec:
-    name: str
-    kind: str
+    """A study YAML, checked (see parse): every field but `path` is the top-level key of its name. The field order
+    is the order an unknown key's error lists the keys and the order they are checked in; seeds, full and confirm
+    also depend on kind (_by_kind)."""
+
+    name: str  # the file's name; a `name` key must equal it
+    kind: str = field(metadata=_rule(choices=KINDS))
     description: str
-    path: Path
-    preset: str = "synthetic"
-    variant: str = "official"
-    metric: str = "auto"  # auto: AUC for UCF-style data, AP for XD-style
-    seeds: int = 3
-    num_samples: int = 1
-    max_concurrent: int = 0  # 0 = as many as resources allow
-    max_failures: int = 1  # retries of a failed trial (from its last checkpoint)
+    path: Path = field(metadata=_rule(key=""))
+    preset: str = field(default="synthetic", metadata=_rule(choices=DATASETS))
+    variant: str = field(default="official", metadata=_rule(choices=VARIANTS))
+    # auto: AUC for UCF-style data, AP for XD-style
+    metric: str = field(default="auto", metadata=_rule(choices=("auto", *CORE_METRICS)))
+    seeds: int = field(default=3, metadata=_rule(least=1))  # a search's: 1
+    num_samples: int = field(default=1, metadata=_rule(least=1))
+    max_concurrent: int = field(default=0, metadata=_rule(least=0, note=" (0 = as many as resources allow)"))
+    # retries of a failed trial (from its last checkpoint)
+    max_failures: int = field(default=1, metadata=_rule(least=0))
+    resources: Resources = field(default_factory=Resources)
+    base: dict[str, Any] = field(default_factory=dict, metadata=_rule(read=_base))
+    variants: tuple[Variant, ...] = field(default=(), metadata=_rule(read=_variants))
+    full: str | None = None  # the ablation row every other row is compared with (an ablation's: its last row)
+    space: dict[str, Domain] = field(default_factory=dict, metadata=_rule(read=_space))
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    paper_table: int | None = None
+    confirm: Confirm = field(default_factory=Confirm)  # search only (an ablation's: top 0, none)
+    # the metrics an ablation table shows, in order
+    columns: tuple[str, ...] = field(default=CORE_METRICS, metadata=_rule(read=_columns))
+    seeds_auto: SeedsAuto = field(default_factory=SeedsAuto)
     reuse_workers: bool = True  # trials run one after another in the same Ray worker processes (Tune's reuse_actors)
     # seeds of one row trained together in one trial (vadclip.fused); auto: up to FUSE_AUTO_MOST when a trial has a
     # GPU, else 1 (on a CPU the fused step costs what the seeds cost apart: docs/speed.md)
-    fuse_seeds: int | str = "auto"
-    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
-    base: dict[str, Any] = field(default_factory=dict)
-    variants: tuple[Variant, ...] = ()
-    full: str | None = None  # the ablation row every other row is compared with
-    space: dict[str, Domain] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
-    paper_table: int | None = None
-    columns: tuple[str, ...] = CORE_METRICS  # the metrics an ablation table shows, in order
-    seeds_auto: dict[str, float] = field(default_factory=lambda: dict(SEEDS_AUTO_DEFAULT))
-    confirm: dict[str, int] = field(default_factory=lambda: dict(CONFIRM_DEFAULT))  # search only; top 0 = none
+    fuse_seeds: int | str = field(default="auto", metadata=_rule(read=check_fuse_seeds))
 
     def resolve_metric(self, style: str) -> str:
         return self.metric if self.metric != "auto" else ("auc" if style == "ucf" else "ap")
@@ -106,15 +383,6 @@ def seed_groups(seeds: Sequence[int], size: int) -> list[list[int]]:
     """The seeds of a row in the trials that train them: consecutive groups of `size` (the last may be smaller)."""
     seeds = list(seeds)
     return [seeds[i:i + max(size, 1)] for i in range(0, len(seeds), max(size, 1))]
-
-
-def check_fuse_seeds(value: Any, where: str) -> int | str:
-    """`fuse_seeds`: a positive int or auto; SpecError naming `where` otherwise."""
-    if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise SpecError(f"{where}: fuse_seeds must be auto or an integer >= 1 (1 = no fusing), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -147,140 +415,47 @@ def load(name_or_path: str | Path) -> StudySpec:
     return parse(raw, path)
 
 
-def _check_keys(raw: dict, allowed: dict[str, Any], where: str) -> None:
-    for key, value in raw.items():
-        if key not in allowed:
-            raise SpecError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
-        if not isinstance(value, allowed[key]) or isinstance(value, bool) and allowed[key] is not bool:
-            expected = allowed[key]
-            names = "/".join(t.__name__ for t in expected) if isinstance(expected, tuple) else expected.__name__
-            raise SpecError(f"{where}: key {key!r} must be a {names}, got {value!r}")
-
-
-def _check_overrides(values: dict, where: str) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        try:
-            out[key] = coerce(key, value)
-        except ConfigError as err:
-            raise SpecError(f"{where}: {err}") from err
-    return out
-
-
-def _check_domain(key: str, raw: Any, where: str) -> Domain:
-    try:
-        return Domain.parse(key, raw)
-    except SpaceError as err:
-        raise SpecError(f"{where}: space.{key}: {err}") from err
-
-
 def parse(raw: Any, path: Path) -> StudySpec:
+    """A study YAML's mapping as a StudySpec, the way a config dict maps onto its dataclass: each key is the field
+    of its name, checked against the field's type and rule; then every row and every point of the space is built
+    once. SpecError naming `path` and the key otherwise."""
     where = str(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: expected a mapping of study keys, got {type(raw).__name__}")
-    _check_keys(raw, TOP_KEYS, where)
-    for key in ("kind", "description"):
-        if key not in raw:
+    _check_keys(raw, StudySpec, where)
+    for key in _required(StudySpec):
+        if key not in raw and key != "name":  # the name comes from the file
             raise SpecError(f"{where}: missing required key {key!r}")
     # the file's name is the study's name: experiment, resume state and reports are keyed by it
     if raw.get("name", path.stem) != path.stem:
         raise SpecError(f"{where}: name {raw['name']!r} differs from the file's name {path.stem!r}; the study "
                         f"name is the file name (rename the file or drop the 'name' key)")
-    if raw["kind"] not in KINDS:
-        raise SpecError(f"{where}: kind {raw['kind']!r} unknown; allowed: {', '.join(KINDS)}")
-    if raw.get("metric", "auto") not in (*CORE_METRICS, "auto"):
-        raise SpecError(f"{where}: metric {raw['metric']!r} unknown; allowed: auto, {', '.join(CORE_METRICS)}")
-    resources = raw.get("resources", {"cpu": 1, "gpu": 0})
-    _check_keys(resources, RESOURCE_KEYS, f"{where}: resources")
-    if any(v < 0 for v in resources.values()) or resources.get("cpu", 1) <= 0:
-        raise SpecError(f"{where}: resources need cpu > 0 and gpu >= 0, got {resources}")
-    base = _check_overrides(raw.get("base", {}), f"{where}: base")
-    variants = []
-    for i, v in enumerate(raw.get("variants", [])):
-        vwhere = f"{where}: variants[{i}]"
-        if not isinstance(v, dict):
-            raise SpecError(f"{vwhere}: expected a mapping with name/set/paper, got {v!r}")
-        _check_keys(v, VARIANT_KEYS, vwhere)
-        if "name" not in v:
-            raise SpecError(f"{vwhere}: missing required key 'name'")
-        paper = v.get("paper", {})
-        styled = any(k in STYLES for k in paper)
-        for style, numbers in (paper.items() if styled else [("", paper)]):
-            if style not in (*STYLES, ""):
-                raise SpecError(f"{vwhere}: paper: mix of styles and metrics; use {{metric: value}} or "
-                                f"{{ucf: {{...}}, xd: {{...}}}}, got key {style!r}")
-            bad = [k for k in numbers if k not in PAPER_METRICS]
-            if bad or not isinstance(numbers, dict):
-                raise SpecError(f"{vwhere}: paper metric {(bad or [numbers])[0]!r} unknown; allowed: "
-                                f"{', '.join(PAPER_METRICS)}")
-        if v.get("variant", "official") not in VARIANTS:
-            raise SpecError(f"{vwhere}: variant {v['variant']!r} unknown; allowed: {', '.join(VARIANTS)}")
-        variants.append(Variant(v["name"], _check_overrides(v.get("set", {}), vwhere), paper, v.get("variant")))
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise SpecError(f"{where}: variant names must be unique, got {names}")
-    space = {k: _check_domain(k, d, where) for k, d in raw.get("space", {}).items()}
-    scheduler = raw.get("scheduler", {"type": "asha"})
-    _check_keys(scheduler, SCHEDULER_KEYS, f"{where}: scheduler")
-    if scheduler.get("type", "asha") not in SCHEDULERS:
-        raise SpecError(f"{where}: scheduler.type {scheduler['type']!r} unknown; allowed: {', '.join(SCHEDULERS)}")
-    for key in ("grace_period", "reduction_factor"):
-        if scheduler.get(key, 2) < 1 or key == "reduction_factor" and scheduler.get(key, 2) < 2:
-            raise SpecError(f"{where}: scheduler.{key} must be >= {1 if key == 'grace_period' else 2}, "
-                            f"got {scheduler[key]}")
-    if raw["kind"] == "ablation":
-        if not variants:
-            raise SpecError(f"{where}: an ablation needs a non-empty 'variants' list")
-        if space:
-            raise SpecError(f"{where}: 'space' belongs to kind 'search', not 'ablation'")
-        if raw.get("full") is not None and raw["full"] not in names:
-            raise SpecError(f"{where}: full {raw['full']!r} is not one of the variants {names}")
-    else:
-        if not space:
+    values = _by_kind(raw, _values(StudySpec, raw, where), where)
+    spec = StudySpec(**{**values, "name": path.stem, "path": path})
+    resolve(spec, spec.preset)  # every row and every point of the space must build a valid config
+    return spec
+
+
+def _by_kind(raw: dict[str, Any], values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with the defaults that depend on kind, after the checks that do: an ablation compares its variants
+    with `full` (by default its last), a search samples its space (and confirms its best, see Confirm)."""
+    if raw["kind"] == "search":
+        if not raw.get("space"):
             raise SpecError(f"{where}: a search needs a non-empty 'space'")
         for key in ("variants", "full"):
             if key in raw:
                 raise SpecError(f"{where}: {key!r} belongs to kind 'ablation', not 'search'")
-    bad_columns = [c for c in raw.get("columns", []) if c not in PAPER_METRICS]
-    if bad_columns:
-        raise SpecError(f"{where}: columns: metric {bad_columns[0]!r} unknown; allowed: {', '.join(PAPER_METRICS)}")
-    if raw.get("variant", "official") not in VARIANTS:
-        raise SpecError(f"{where}: variant {raw['variant']!r} unknown; allowed: {', '.join(VARIANTS)}")
-    seeds_auto = raw.get("seeds_auto", {})
-    _check_keys(seeds_auto, SEEDS_AUTO_KEYS, f"{where}: seeds_auto")
-    if seeds_auto.get("target", 1) <= 0 or seeds_auto.get("cap", 2) < 2:
-        raise SpecError(f"{where}: seeds_auto needs target > 0 (points) and cap >= 2, got {seeds_auto}")
-    confirm = raw.get("confirm", {})
-    _check_keys(confirm, CONFIRM_KEYS, f"{where}: confirm")
-    if raw["kind"] != "search" and confirm:
+        return {"seeds": 1, **values}  # every sampled config trains once
+    names = [v.name for v in values.get("variants", ())]
+    if not names:
+        raise SpecError(f"{where}: an ablation needs a non-empty 'variants' list")
+    if raw.get("space"):
+        raise SpecError(f"{where}: 'space' belongs to kind 'search', not 'ablation'")
+    if raw.get("full", names[-1]) not in names:
+        raise SpecError(f"{where}: full {raw['full']!r} is not one of the variants {names}")
+    if raw.get("confirm"):
         raise SpecError(f"{where}: 'confirm' belongs to kind 'search' (its confirmation stage), not 'ablation'")
-    if confirm.get("top", 0) < 0 or confirm.get("seeds", 1) < 1:
-        raise SpecError(f"{where}: confirm needs top >= 0 (0 = no confirmation stage) and seeds >= 1, got {confirm}")
-    if raw.get("preset", "synthetic") not in DATASETS:
-        raise SpecError(f"{where}: preset {raw['preset']!r} unknown; allowed: {', '.join(DATASETS)}")
-    for key in ("seeds", "num_samples", "max_failures"):
-        if raw.get(key, 1) < (0 if key == "max_failures" else 1):
-            raise SpecError(f"{where}: {key} must be >= {0 if key == 'max_failures' else 1}, got {raw[key]}")
-    if raw.get("max_concurrent", 0) < 0:
-        raise SpecError(f"{where}: max_concurrent must be >= 0 (0 = as many as resources allow), "
-                        f"got {raw['max_concurrent']}")
-    fuse_seeds = check_fuse_seeds(raw.get("fuse_seeds", "auto"), where)
-    spec = StudySpec(
-        name=path.stem, kind=raw["kind"], description=raw["description"], path=path,
-        preset=raw.get("preset", "synthetic"), variant=raw.get("variant", "official"),
-        metric=raw.get("metric", "auto"), seeds=raw.get("seeds", 3 if raw["kind"] == "ablation" else 1),
-        num_samples=raw.get("num_samples", 1),
-        max_concurrent=raw.get("max_concurrent", 0), max_failures=raw.get("max_failures", 1),
-        reuse_workers=raw.get("reuse_workers", True), fuse_seeds=fuse_seeds,
-        resources={"cpu": 1, "gpu": 0, **resources}, base=base,
-        variants=tuple(variants),
-        full=raw.get("full", names[-1] if names else None), space=space,
-        scheduler={"type": "asha", **scheduler}, paper_table=raw.get("paper_table"),
-        columns=tuple(raw.get("columns", CORE_METRICS)), seeds_auto={**SEEDS_AUTO_DEFAULT, **seeds_auto},
-        confirm={**CONFIRM_DEFAULT, **confirm} if raw["kind"] == "search" else {"top": 0, "seeds": 1},
-    )
-    resolve(spec, spec.preset)  # every row and every point of the space must build a valid config
-    return spec
+    return {"full": names[-1], **values, "confirm": Confirm(top=0, seeds=1)}  # no confirmation stage
 
 
 def resolve(spec: StudySpec, dataset: str | None = None, flags: Sequence[Override] = ()) -> Resolved:
@@ -323,5 +498,5 @@ def apply_trial(base: VadClipConfig, overrides: dict[str, Any]) -> VadClipConfig
     return apply_overrides(base, fixed)
 
 
-__all__ = ["SpecError", "StudySpec", "Variant", "Resolved", "available", "load", "parse", "resolve", "apply_trial",
-           "sampled", "seed_groups", "check_fuse_seeds"]
+__all__ = ["SpecError", "StudySpec", "Variant", "Block", "Resources", "Scheduler", "Confirm", "SeedsAuto", "Resolved",
+           "available", "load", "parse", "resolve", "apply_trial", "sampled", "seed_groups", "check_fuse_seeds"]

@@ -24,21 +24,17 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from study import record
 from study.spec import sampled
 from vadclip.errors import VadClipError
 from vadclip.metrics import mlflow_key
 
 T = TypeVar("T")
-PARENT, TRIAL = "parent", "trial"
 # MLflow 3 experiment kinds (the UI's ExperimentKind enum): a classic training experiment, not a GenAI app
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # what the UI shows (and edits) as the experiment's or run's description
 DESCRIPTION_TAG = "vadclip.description"  # the description this code wrote last (a note edited in the UI is kept)
-# tags of a trial run that only the driver sets, for the invocation that sets them
-STOPPED_EARLY, INTERRUPTED, ERROR = "stopped_early", "interrupted", "error"
-SOURCE_DIGEST_TAG = "source_digest"  # a parent's: study.reuse.source_digest() of the code that ran it
 TRIAL_ERROR = "trial_error"  # the Tune result of a trial that ended on a deterministic error (not retried)
-FUSED_GROUP_TAG = "fused_group"  # a fused seed's run: the seeds trained with it in one trial, e.g. "234,235,236"
 ML_WORKFLOW = "machine_learning"  # MLflow >= 3.x UI: ?workflowType=machine_learning shows runs, not traces
 
 
@@ -78,8 +74,8 @@ def retry(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) ->
 
 def check_tracking_uri(uri: str) -> None:
     """Fail early, before any run is created, with a message naming the URI."""
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    if (path := sqlite_path(uri)) is not None:
+        folder = path.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking URI {uri}: folder {folder} does not exist or is not writable")
         return
@@ -175,7 +171,7 @@ def child_run_name(variant: str, seed: Any, trial_id: str, params: Mapping[str, 
     """A trial's run name with what tells it apart first (the UI cuts long names): `s234 · LGT-Adapter` for
     an ablation row; for a search (one seed) the trial number and the sampled values, `#3 · window=8, lr=1e-05`.
     The full trial id stays in the `trial_id` tag."""
-    if variant != "search":
+    if variant != record.SEARCH:
         return f"s{seed} · {variant}"[:200]
     number = trial_id.rsplit("_", 1)[-1]
     head = f"#{int(number)}" if number.isdigit() else trial_id
@@ -225,7 +221,7 @@ def log_parent_summary(uri: str, parent_id: str, summary: Mapping[str, Mapping[s
 def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
                  params: dict[str, Any]) -> str:
     c = client(uri)
-    run = retry(c.create_run, experiment_id, run_name=run_name, tags={"vadclip.role": PARENT, **tags})
+    run = retry(c.create_run, experiment_id, run_name=run_name, tags={record.ROLE: record.PARENT, **tags})
     log_params(c, run.info.run_id, params)
     return run.info.run_id
 
@@ -253,7 +249,7 @@ def log_artifacts(uri: str, run_id: str, paths: list[Path], folder: str | None =
 
 def children(uri: str, experiment_id: str, parent_id: str) -> list:
     return retry(client(uri).search_runs, [experiment_id],
-                 filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000)
+                 filter_string=record.children_filter(parent_id), max_results=5000)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -298,16 +294,16 @@ def tune_failures(results: Iterable[Any]) -> dict[str, FailedTrial]:
         if trial_id is None:
             continue
         config = dict(result.config or {})
-        tags = {"variant": str(config.get("variant", "search"))}
-        if "seed" in config:
-            tags["seed"] = str(config["seed"])
+        tags = {record.VARIANT: str(config.get(record.TRIAL_VARIANT, record.SEARCH))}
+        if record.TRIAL_SEED in config:
+            tags[record.SEED] = str(config[record.TRIAL_SEED])
         failed[trial_id] = FailedTrial(error_line(result.error if result.error is not None else str(reported)),
                                        tags, config)
     return failed
 
 
 def _trial_id(result: Any) -> str | None:
-    trial_id = (result.metrics or {}).get("trial_id")
+    trial_id = (result.metrics or {}).get("trial_id")  # Tune's result key, not the tag
     return trial_id or (Path(result.path).name if getattr(result, "path", None) else None)
 
 
@@ -325,28 +321,29 @@ def record_failed_trials(uri: str, experiment_id: str, parent_id: str,
     c = client(uri)
     existing: dict[str | None, dict[str | None, Any]] = {}  # trial id -> seed tag -> run
     for run in children(uri, experiment_id, parent_id):
-        existing.setdefault(run.data.tags.get("trial_id"), {})[run.data.tags.get("seed")] = run
+        logged = run.data.tags
+        existing.setdefault(record.get(logged, record.TRIAL_ID), {})[record.get(logged, record.SEED)] = run
     created = []
     for trial_id, failure in failures.items():
         line = _failure_line(failure)
         own = failure.tags if isinstance(failure, FailedTrial) else {}
         config = failure.params if isinstance(failure, FailedTrial) else {}
-        fused = [str(s) for s in config.get("seeds", [])]  # a fused trial: a run per seed
+        fused = [str(s) for s in config.get(record.TRIAL_SEEDS, [])]  # a fused trial: a run per seed
         runs = existing.get(trial_id, {})
-        seeds: list[str | None] = [*fused] or [own.get("seed")]
+        seeds: list[str | None] = [*fused] or [record.get(own, record.SEED)]
         for seed in seeds:
             run = runs.get(seed) if fused else next(iter(runs.values()), None)
             if run is not None:
-                if run.info.status == "FAILED" and ERROR not in run.data.tags:
-                    retry(c.set_tag, run.info.run_id, ERROR, line)
+                if run.info.status == "FAILED" and record.ERROR not in run.data.tags:
+                    retry(c.set_tag, run.info.run_id, record.ERROR, line)
                 continue
-            run_tags = {**(tags or {}), **own, "mlflow.parentRunId": parent_id, "vadclip.role": TRIAL,
-                        "trial_id": trial_id, ERROR: line}
+            run_tags = {**(tags or {}), **own, record.PARENT_RUN: parent_id, record.ROLE: record.TRIAL,
+                        record.TRIAL_ID: trial_id, record.ERROR: line}
             if seed is not None:
-                run_tags["seed"] = seed
+                run_tags[record.SEED] = seed
             if config:  # a tag, not params: a later attempt of the trial logs its full config as params
-                run_tags["tune_config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
-            name = child_run_name(run_tags.get("variant", "search"), run_tags.get("seed", "?"), trial_id,
+                run_tags[record.TUNE_CONFIG] = json.dumps(config, sort_keys=True, default=str)[:5000]
+            name = child_run_name(run_tags.get(record.VARIANT, record.SEARCH), run_tags.get(record.SEED, "?"), trial_id,
                                   sampled(config))
             run_id = retry(c.create_run, experiment_id, run_name=name, tags=run_tags).info.run_id
             retry(c.set_terminated, run_id, "FAILED")
@@ -366,11 +363,11 @@ def close_unfinished_children(uri: str, experiment_id: str, parent_id: str,
         status, tags, run_id = run.info.status, run.data.tags, run.info.run_id
         if status not in ("RUNNING", "KILLED"):
             continue
-        if tags.get("trial_id") in failures:
-            retry(c.set_tag, run_id, ERROR, _failure_line(failures[tags["trial_id"]]))
+        if record.get(tags, record.TRIAL_ID) in failures:
+            retry(c.set_tag, run_id, record.ERROR, _failure_line(failures[tags[record.TRIAL_ID]]))
             retry(c.set_terminated, run_id, "FAILED")
-        elif tags.get(STOPPED_EARLY) != "true" and tags.get(INTERRUPTED) != "true":
-            retry(c.set_tag, run_id, STOPPED_EARLY, "true")
+        elif record.get(tags, record.STOPPED_EARLY) != "true" and record.get(tags, record.INTERRUPTED) != "true":
+            retry(c.set_tag, run_id, record.STOPPED_EARLY, "true")
             if status == "RUNNING":
                 retry(c.set_terminated, run_id, "KILLED")
             n += 1
@@ -386,13 +383,13 @@ def mark_interrupted_children(uri: str, experiment_id: str, parent_id: str,
     n, c, unfinished = 0, client(uri), set(trial_ids)
     for run in children(uri, experiment_id, parent_id):
         tags = run.data.tags
-        killed_here = (run.info.status == "KILLED" and tags.get("trial_id") in unfinished
-                       and INTERRUPTED not in tags and tags.get(STOPPED_EARLY) != "true")
+        killed_here = (run.info.status == "KILLED" and record.get(tags, record.TRIAL_ID) in unfinished
+                       and record.INTERRUPTED not in tags and record.get(tags, record.STOPPED_EARLY) != "true")
         if run.info.status != "RUNNING" and not killed_here:
             continue
-        if STOPPED_EARLY in run.data.tags:
-            retry(c.delete_tag, run.info.run_id, STOPPED_EARLY)
-        retry(c.set_tag, run.info.run_id, INTERRUPTED, "true")
+        if record.STOPPED_EARLY in run.data.tags:
+            retry(c.delete_tag, run.info.run_id, record.STOPPED_EARLY)
+        retry(c.set_tag, run.info.run_id, record.INTERRUPTED, "true")
         if run.info.status == "RUNNING":
             retry(c.set_terminated, run.info.run_id, "KILLED")
         n += 1
@@ -406,9 +403,7 @@ class TrialRun:
                  tags: dict[str, str], fused: bool = False):
         """`fused`: the trial trains several seeds, one run each, told apart by the `seed` tag of `tags`."""
         self.uri, self.c = uri, client(uri)
-        which = f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id = '{trial_id}'"
-        if fused:
-            which += f" and tags.seed = '{tags['seed']}'"
+        which = record.trial_filter(parent_id, trial_id, tags[record.SEED] if fused else None)
         existing = retry(self.c.search_runs, [experiment_id], filter_string=which)
         self.tags: dict[str, str] = {}  # the run's tags when it already existed (a retried or resumed trial)
         self.final_logged = False
@@ -417,20 +412,20 @@ class TrialRun:
             self.run_id = existing[0].info.run_id
             self.tags = dict(existing[0].data.tags)
             # a trial that ended just before its driver died is run again from its last checkpoint on --resume
-            self.final_logged = any(k.startswith("final/") for k in existing[0].data.metrics)
+            self.final_logged = record.final_metrics_logged(existing[0].data.metrics)
             # a run recorded by the driver for a trial that failed before its worker got here has no params
             self.has_params = bool(existing[0].data.params)
             reopen(uri, self.run_id)
             self.resumed = True
-            for key in (STOPPED_EARLY, INTERRUPTED, ERROR):  # the driver's verdicts on an earlier attempt
+            for key in (record.STOPPED_EARLY, record.INTERRUPTED, record.ERROR):  # the driver's verdicts
                 self.delete_tag(key)
         else:
             run = retry(self.c.create_run, experiment_id, run_name=run_name,
-                        tags={"mlflow.parentRunId": parent_id, "vadclip.role": TRIAL, "trial_id": trial_id,
+                        tags={record.PARENT_RUN: parent_id, record.ROLE: record.TRIAL, record.TRIAL_ID: trial_id,
                               **tags})
             self.run_id, self.resumed = run.info.run_id, False
         # the epochs logged before (their values, as the x-axis is the global optimisation step)
-        self.logged_epochs = {int(m.value) for m in retry(self.c.get_metric_history, self.run_id, "epoch")}
+        self.logged_epochs = {int(m.value) for m in retry(self.c.get_metric_history, self.run_id, record.EPOCH)}
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.has_params:  # params are immutable in MLflow; a resumed run has them already
@@ -445,11 +440,11 @@ class TrialRun:
             return
         now = int(time.time() * 1000)
         items = []
-        for record in (*evaluations, {**metrics, "epoch": epoch}):
-            step = int(record.get("step", epoch))
-            items += [Metric(mlflow_key(k), float(v), now, step) for k, v in record.items()
-                      if k not in ("step", "epoch") and v == v]
-        items.append(Metric("epoch", float(epoch), now, int(metrics.get("step", epoch))))
+        for entry in (*evaluations, {**metrics, record.EPOCH: epoch}):
+            step = int(entry.get("step", epoch))
+            items += [Metric(mlflow_key(k), float(v), now, step) for k, v in entry.items()
+                      if k not in ("step", record.EPOCH) and v == v]
+        items.append(Metric(record.EPOCH, float(epoch), now, int(metrics.get("step", epoch))))
         for i in range(0, len(items), 1000):
             retry(self.c.log_batch, self.run_id, metrics=items[i:i + 1000])
         self.logged_epochs.add(epoch)
@@ -457,17 +452,17 @@ class TrialRun:
     def backfill(self, history: Sequence[Mapping[str, float]], evaluations: Sequence[Mapping[str, float]] = ()) -> None:
         """After a restore: log epochs (and their step-wise evaluations) that the checkpoint has but the run
         lost (no gaps)."""
-        for record in history:
-            epoch = int(record["epoch"])
-            self.log_epoch(epoch, {k: v for k, v in record.items() if k != "epoch"},
-                           [e for e in evaluations if int(e["epoch"]) == epoch])
+        for entry in history:
+            epoch = int(entry[record.EPOCH])
+            self.log_epoch(epoch, {k: v for k, v in entry.items() if k != record.EPOCH},
+                           [e for e in evaluations if int(e[record.EPOCH]) == epoch])
 
     def log_final(self, metrics: dict[str, float], step: int) -> None:
         """The trial's final metrics, once: a trial run again after it ended does not log them twice."""
         if self.final_logged:
             return
         now = int(time.time() * 1000)
-        items = [Metric(f"final/{mlflow_key(k)}", float(v), now, step) for k, v in metrics.items() if v == v]
+        items = [Metric(record.final_key(k), float(v), now, step) for k, v in metrics.items() if v == v]
         retry(self.c.log_batch, self.run_id, metrics=items)
         self.final_logged = True
 

@@ -13,10 +13,11 @@ import ray
 import torch
 from ray import tune
 
+from study import record
 from study.plots import score_curves
-from study.reuse import FINGERPRINT_TAG, REUSED_FROM_TAG, copy_results, find_reusable, trial_fingerprint
+from study.reuse import copy_results, find_reusable, trial_fingerprint
 from study.spec import apply_trial, sampled
-from study.tracking import FUSED_GROUP_TAG, TRIAL_ERROR, TrialRun, child_run_name, error_line
+from study.tracking import TRIAL_ERROR, TrialRun, child_run_name, error_line
 from vadclip import portable
 from vadclip.bootstrap import (
     BOOTSTRAP_FILE,
@@ -72,8 +73,9 @@ def _inject(variant: str, epoch: int, ctx: TrialContext, where: str) -> None:
 
 def trial_config(params: dict[str, Any], ctx: TrialContext) -> tuple[VadClipConfig, str]:
     """The row's (or the search base's) config with the trial's seed and sampled values."""
-    variant = params.get("variant", "search")
-    return apply_trial(ctx.rows.get(variant, ctx.base), {**sampled(params), "seed": params["seed"]}), variant
+    variant = params.get(record.TRIAL_VARIANT, record.SEARCH)
+    seed = params[record.TRIAL_SEED]
+    return apply_trial(ctx.rows.get(variant, ctx.base), {**sampled(params), "seed": seed}), variant
 
 
 def trial_device(requested: str, gpu_ids: Sequence[str | int], cuda_available: bool) -> str:
@@ -109,9 +111,9 @@ def train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> 
 
 def _train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(ctx.cpus_per_trial)))
-    fused = "seeds" in params
-    seeds = [int(s) for s in params["seeds"]] if fused else [params["seed"]]
-    configs = [trial_config({**params, "seed": seed}, ctx) for seed in seeds]
+    fused = record.TRIAL_SEEDS in params
+    seeds = [int(s) for s in params[record.TRIAL_SEEDS]] if fused else [params[record.TRIAL_SEED]]
+    configs = [trial_config({**params, record.TRIAL_SEED: seed}, ctx) for seed in seeds]
     variant = configs[0][1]
     _inject(variant, 0, ctx, "before its MLflow run exists")
     trial_id = tune.get_context().get_trial_id()
@@ -123,27 +125,27 @@ def _train_trial(params: dict[str, Any], data: VadDataset, ctx: TrialContext) ->
     group = ",".join(map(str, seeds))
     members = []
     for cfg, _ in configs:
-        tags = {**ctx.tags, "study": ctx.study, "variant": variant, "seed": str(cfg.seed),
-                "score_branch": cfg.score_branch, "selection": cfg.eval.selection,
-                "selection_metric": cfg.selection_metric, "map_protocol": cfg.eval.map_protocol}
+        tags = {**ctx.tags, record.STUDY: ctx.study, record.VARIANT: variant, record.SEED: str(cfg.seed),
+                record.SCORE_BRANCH: cfg.score_branch, record.SELECTION: cfg.eval.selection,
+                record.SELECTION_METRIC: cfg.selection_metric, record.MAP_PROTOCOL: cfg.eval.map_protocol}
         if fused:
-            tags[FUSED_GROUP_TAG] = group
+            tags[record.FUSED_GROUP] = group
         run = TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id,
                        run_name=child_run_name(variant, cfg.seed, trial_id, sampled(params)), tags=tags, fused=fused)
         run.log_params(flatten(cfg))
-        history = run.tags.get("ray.nodes")  # every attempt of the trial appends the node it runs on
+        history = record.get(run.tags, record.RAY_NODES)  # every attempt of the trial appends the node it runs on
         cfg = apply_overrides(cfg, {"device": device})
-        placement = {"ray.node_id": node, "ray.nodes": f"{history},{node}" if history else node,
-                     "ray.gpu_ids": ",".join(gpu_ids), "device": device,
-                     FINGERPRINT_TAG: trial_fingerprint(cfg, ctx.data_fingerprint, ctx.code_digest,
+        placement = {record.RAY_NODE_ID: node, record.RAY_NODES: f"{history},{node}" if history else node,
+                     record.RAY_GPU_IDS: ",".join(gpu_ids), record.DEVICE: device,
+                     record.FINGERPRINT: trial_fingerprint(cfg, ctx.data_fingerprint, ctx.code_digest,
                                                         seeds if fused else ())}
         members.append(_SeedRun(cfg, run, placement))
     reports, training = [], []
     for member in members:  # a seed identical to a FINISHED run is copied, not trained (once copied, it stays so)
         run = member.run
         source = (ctx.reuse and not run.final_logged
-                  and find_reusable(ctx.tracking_uri, member.placement[FINGERPRINT_TAG], run.run_id))
-        if source or REUSED_FROM_TAG in run.tags:
+                  and find_reusable(ctx.tracking_uri, member.placement[record.FINGERPRINT], run.run_id))
+        if source or record.REUSED_FROM in run.tags:
             run.set_tags(member.placement)
             if source:
                 try:
@@ -177,10 +179,10 @@ def _train(members: list[_SeedRun], fused: bool, variant: str, data: VadDataset,
         run, placement = member.run, member.placement
         if resume is not None:
             restored = load_checkpoint((seed_folder(resume, member.cfg.seed) if fused else resume) / CHECKPOINT_LAST)
-            placement["restored_from_epoch"] = str(restored["epoch"])
+            placement[record.RESTORED_FROM_EPOCH] = str(restored["epoch"])
             run.backfill(restored["history"], restored.get("evaluations", []))
         else:
-            run.delete_tag("restored_from_epoch")  # an earlier attempt's; this one starts from scratch
+            run.delete_tag(record.RESTORED_FROM_EPOCH)  # an earlier attempt's; this one starts from scratch
         placement.update(portable.state().tags())  # the kernels that compute this seed's numbers
         run.set_tags(placement)
     runs = [m.run for m in members]
@@ -189,8 +191,8 @@ def _train(members: list[_SeedRun], fused: bool, variant: str, data: VadDataset,
 
     def on_epoch(records: list[EpochRecord]) -> None:
         _inject(variant, records[0].epoch, ctx, f"at epoch {records[0].epoch}")
-        for run, record in zip(runs, records):
-            run.log_epoch(record.epoch, record.metrics, record.evaluations)
+        for run, epoch in zip(runs, records):
+            run.log_epoch(epoch.epoch, epoch.metrics, epoch.evaluations)
         metrics = _mean([{mlflow_key(k): v for k, v in r.metrics.items()} for r in records])
         nonlocal reporting
         reporting = True
@@ -207,7 +209,7 @@ def _train(members: list[_SeedRun], fused: bool, variant: str, data: VadDataset,
         for run, result, cfg in zip(runs, results, cfgs):
             # test metrics of the selected checkpoint, and its validation metrics (what a search ranks by)
             run.log_final({**result.metrics["test"], "best_epoch": result.metrics["best_epoch"],
-                           **{f"val/{k}": v for k, v in result.metrics["val"].items()},
+                           **{f"{record.VAL}{k}": v for k, v in result.metrics["val"].items()},
                            FIT_SECONDS: result.seconds},
                           step=int(result.history[-1]["step"]) if result.history else 0)
             log_results(run, result, data, cfg, result.out_dir)
@@ -224,7 +226,7 @@ def log_results(run: TrialRun, result: FitResult, data: VadDataset, cfg: VadClip
     scores with their frame ground truth (a report recomputes test-set uncertainty from them alone), their
     video bootstrap (seeded by the trial's seed) and the score curves."""
     chosen = result.metrics["test_branch"]  # also right for score_branch 'best'
-    run.set_tags({"test_branch": chosen})
+    run.set_tags({record.TEST_BRANCH: chosen})
     if result.test_predictions is None:  # fit always evaluates data.test
         raise RuntimeError("fit returned no test predictions")
     (out_dir / "history.json").write_text(json.dumps(result.history, indent=1))
@@ -245,8 +247,6 @@ def reuse_results(run: TrialRun, source: str, cfg: VadClipConfig) -> dict[str, f
     (histories, final metrics, artifacts; tag `reused_from`) instead of training; returns what to report to Tune."""
     copy_results(run.uri, source, run.run_id)
     metrics = run.c.get_run(run.run_id).data.metrics
-    split = "val/" if cfg.eval.selection == "val" else ""
-    report = {mlflow_key(f"{cfg.eval.selection}/{k[len('final/' + split):]}"): v for k, v in metrics.items()
-              if k.startswith(f"final/{split}") and "/" not in k[len(f"final/{split}"):]}
+    report = record.objective_metrics(metrics, cfg.eval.selection)
     run.end("FINISHED")
     return report

@@ -1,4 +1,4 @@
-"""Extraction over a Ray cluster (`vadclip.extract_cluster`) on a real local cluster: a head and two worker nodes
+"""Extraction over a Ray cluster (`vadclip.extract.cluster`) on a real local cluster: a head and two worker nodes
 (Ray's `ray.cluster_utils.Cluster`), tiny CLIP, small videos. Outputs equal the local extractor's bit for bit, and
 a worker node lost mid-run still yields every video exactly once."""
 

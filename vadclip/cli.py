@@ -10,10 +10,11 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from vadclip.config import ConfigError
 from vadclip.data.conventions import list_files
+from vadclip.errors import Parser as Parser  # its home is vadclip.errors (the data layer's CLIs use it too)
 from vadclip.errors import VadClipError
 
 DATA_STYLES = ("ucf", "xd")  # real datasets, recognised by their official list file names
@@ -109,10 +110,3 @@ def blame(flags: Sequence[Override], build: Callable[[list[Override]], Any]) -> 
         except VadClipError:
             alone.append(flag.flag)
     return " ".join(alone or [f.flag for f in flags])
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose bad flag prints one line (not the usage first) and exits 2, as every other bad input."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} -h)\n")

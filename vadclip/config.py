@@ -171,6 +171,11 @@ class VadClipConfig:
             return self.eval.selection_metric
         return "auc" if self.style == "ucf" else "ap"
 
+    @property
+    def objective_key(self) -> str:
+        """The evaluation key a trial selects its checkpoint by (and a search optimises): `val/<m>` or `test/<m>`."""
+        return f"{self.eval.selection}/{self.selection_metric}"
+
 
 # ---------------------------------------------------------------- presets (data, not code)
 

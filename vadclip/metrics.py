@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from vadclip.data.conventions import GT_NORMAL, SNIPPET_FRAMES
 
-PROTOCOLS = ("official", "paper")
+MAP_PROTOCOLS = ("official", "paper")
 
 # ---------------------------------------------------------------- the metric vocabulary (one home)
 # Names as computed: auc/ap/ano_auc (fractions), map@0.1..map@0.5 and map_avg (percent, as the authors print),
@@ -273,8 +273,8 @@ def detection_map(class_probs: list[np.ndarray], segments: list[list[tuple[int, 
       paper gives that class AP 0.
     gt labels that are not in `class_codes` never match (the authors' UCF behaviour).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown mAP protocol {protocol!r}; expected one of {PROTOCOLS}")
+    if protocol not in MAP_PROTOCOLS:
+        raise ValueError(f"unknown mAP protocol {protocol!r}; expected one of {MAP_PROTOCOLS}")
     if not (len(class_probs) == len(segments) == len(segment_labels)):
         raise ValueError(f"class_probs ({len(class_probs)}), segments ({len(segments)}) and "
                          f"segment_labels ({len(segment_labels)}) must have one entry per video")

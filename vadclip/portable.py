@@ -103,7 +103,7 @@ def pin_cli(cfg: VadClipConfig) -> KernelState | None:
 
 
 def _synthetic_cached(cfg: VadClipConfig) -> bool:
-    """Whether the synthetic layout that vadclip.data.dataset.read_layout asks ensure_synthetic for is on disk."""
+    """Whether the synthetic layout that vadclip.data.split.read_layout asks ensure_synthetic for is on disk."""
     from vadclip.data.synthetic import cache_key, default_cache_root
 
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_root()

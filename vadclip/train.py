@@ -173,7 +173,7 @@ def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device,
 
 
 def _selection_score(metrics: dict[str, float], cfg: VadClipConfig) -> float:
-    value = metrics.get(f"{cfg.eval.selection}/{cfg.selection_metric}", float("nan"))
+    value = metrics.get(cfg.objective_key, float("nan"))
     return -math.inf if value is None or math.isnan(value) else value
 
 

@@ -6,8 +6,9 @@ and the failed trials. Searches: the top 5 trials by the final metric, trial sta
 parameter importances and the final metric against each searched parameter. Every output (md, tex, csv,
 png) is computed in memory first and then written atomically, so a failure leaves nothing partial.
 
-Modules: `context` (MLflow -> `Context`), `ablation`, `search` (tables, statistics, grids, notes, plots on
-DataFrames), `notes` (protocol and provenance notes), `render` (Markdown, LaTeX, numbers, PNG).
+Modules: `context` (MLflow -> `Context`), `protocols` (the selection-protocol registry), `columns` (the tables'
+column names), `ablation`, `search` (tables, statistics, grids, notes, plots on DataFrames), `notes` (protocol and
+provenance notes), `render` (Markdown, LaTeX, numbers, PNG), `html` (the report as one self-contained page).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.plots import html_report
+from study.report import protocols
 from study.report.ablation import ablation_report
+from study.report.columns import VALIDATION_PREFIX, Columns
 from study.report.context import ReportError, read_context
-from study.report.protocols import PROTOCOL_CHOICES, SELECTION
+from study.report.html import html_report
+from study.report.protocols import SELECTION
 from study.report.render import finite, tex_file
 from study.report.search import search_report
 from study.spec import StudySpec, load
@@ -51,7 +54,7 @@ class ReportFiles:
 def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None,
                  protocol: str = SELECTION) -> ReportFiles:
     """Read the study's runs from MLflow, compute the report in memory, then write md/tex/csv/html/png.
-    `protocol`: which test values the tables show (study.report.protocols.PROTOCOL_CHOICES)."""
+    `protocol`: which test values the tables show (a study.report.protocols.REGISTRY name)."""
     ctx = read_context(spec, tracking_uri, parent_run_id, protocol)
     out_dir = Path(out_dir)
     doc = (ablation_report if spec.kind == "ablation" else search_report)(ctx)
@@ -68,12 +71,12 @@ def summary(spec: StudySpec, table: pd.DataFrame) -> dict[str, dict[str, float]]
     """Per ablation row the mean of each core metric; for a search the best trial's metrics (fractions as
     logged): what the parent run shows in MLflow's chart view."""
     if spec.kind == "ablation":
-        return {str(v): {m: float(row[f"{m}_mean"]) for m in CORE if finite(row.get(f"{m}_mean"))}
+        return {str(v): {m: float(row[Columns(m).mean]) for m in CORE if finite(row.get(Columns(m).mean))}
                 for v, row in table.iterrows()}
     if table.empty:
         return {}
     best = table.iloc[0]
-    return {"best": {m: float(best[m]) for m in (*CORE, *[c for c in table if c.startswith("val_")])
+    return {"best": {m: float(best[m]) for m in (*CORE, *[c for c in table if c.startswith(VALIDATION_PREFIX)])
                      if m in table and finite(best[m])}}
 
 
@@ -85,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLflow tracking URI (default: ./mlruns.db, as python -m study.run)")
     parser.add_argument("--parent", default=None, help="parent run id (default: the newest with a finished trial)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
-    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default=SELECTION,
+    derived = ", ".join(p.name if p.label == p.name else f"{p.name} ({p.label})" for p in protocols.derived())
+    parser.add_argument("--protocol", choices=protocols.names(), default=SELECTION,
                         help="test values shown: each trial's own selection (default: its eval.selection, val unless "
-                        "set), or derived from the histories: val (best-on-val), test (best-on-test), last")
+                        f"set), or derived from the histories: {derived}")
     args = parser.parse_args(argv)
     try:
         files = build_report(load(args.name), args.tracking_uri, args.out, args.parent, args.protocol)

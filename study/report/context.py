@@ -13,10 +13,25 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from study.record import (
+    DATASET,
+    FINAL_COLUMN,
+    PARENT,
+    ROLE,
+    SEED,
+    TRIAL,
+    children_filter,
+    column,
+    metric_column,
+    param_column,
+    parents_filter,
+    tag_columns,
+)
+from study.report.protocols import SELECTION
 from study.report.render import date_text
 from study.spec import StudySpec
-from study.tracking import PARENT, TRIAL, is_mlflow_store, sqlite_path
 from study.tracking import client as tracking_client
+from study.tracking import is_mlflow_store, sqlite_path
 from vadclip.bootstrap import (
     BOOTSTRAP_FILE,
     BOOTSTRAP_METRICS,
@@ -27,9 +42,6 @@ from vadclip.bootstrap import (
 )
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS as CORE
-
-FINAL = "metrics.final/"
-FINAL_VAL = "metrics.final/val/"  # the validation metrics of the selected checkpoint
 
 
 class ReportError(VadClipError, RuntimeError):
@@ -52,7 +64,7 @@ class Context:
     style: str
     metric: str  # the spec's main metric resolved for the data style
     date: str
-    protocol: str = "selection"  # study.report.protocols.PROTOCOL_CHOICES: which test values the tables show
+    protocol: str = SELECTION  # a study.report.protocols.REGISTRY name: which test values the tables show
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -63,12 +75,12 @@ class Context:
         return str(self.parent["run_id"])
 
 
-def read_context(spec: StudySpec, uri: str, parent_run_id: str | None, protocol: str = "selection") -> Context:
+def read_context(spec: StudySpec, uri: str, parent_run_id: str | None, protocol: str = SELECTION) -> Context:
     client = _client(uri)
     experiment_id = _experiment(client, spec.name, uri)
     parent = _parent(client, experiment_id, spec.name, parent_run_id)
     children = _children(client, experiment_id, parent, spec.name)
-    dataset = tag(parent, "dataset") or tag(children, "dataset") or spec.preset
+    dataset = tag(parent, DATASET) or tag(children, DATASET) or spec.preset
     style = data_style(dataset, children)
     date = date_text(datetime.now(UTC).timestamp() * 1000)
     return Context(spec, uri, parent, children, dataset, style, spec.resolve_metric(style), date, protocol)
@@ -93,9 +105,9 @@ def _runs(client: MlflowClient, experiment_id: str, filter_string: str) -> pd.Da
         for run in page:
             row: dict[str, Any] = {"run_id": run.info.run_id, "status": run.info.status,
                                    "start_time": run.info.start_time, "end_time": run.info.end_time}
-            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-            row.update({f"params.{k}": v for k, v in run.data.params.items()})
-            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            row.update({metric_column(k): v for k, v in run.data.metrics.items()})
+            row.update({param_column(k): v for k, v in run.data.params.items()})
+            row.update(tag_columns(run.data.tags))
             rows.append(row)
         token = page.token
         if not token:
@@ -110,27 +122,26 @@ def _experiment(client: MlflowClient, name: str, uri: str) -> str:
 
 
 def _parent(client: MlflowClient, experiment_id: str, name: str, parent_run_id: str | None) -> pd.Series:
-    parents = _runs(client, experiment_id, f"tags.`vadclip.role` = '{PARENT}'")
+    parents = _runs(client, experiment_id, parents_filter())
     if parent_run_id is not None:
         match = parents[parents["run_id"] == parent_run_id]
         if match.empty:
-            raise ReportError(f"run {parent_run_id} is not a parent run (vadclip.role={PARENT}) of study {name!r}")
+            raise ReportError(f"run {parent_run_id} is not a parent run ({ROLE}={PARENT}) of study {name!r}")
         return match.iloc[0]
     # the newest invocation with results: one that failed at its start or was interrupted before any trial
     # finished has nothing to show
     for _, parent in parents.sort_values("start_time", ascending=False).iterrows():
-        runs = _runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent['run_id']}' and "
-                                            "attributes.status = 'FINISHED'")
+        runs = _runs(client, experiment_id, f"{children_filter(parent['run_id'])} and attributes.status = 'FINISHED'")
         if not runs.empty:
             return parent
-    raise ReportError(f"study {name!r} has no parent run (vadclip.role={PARENT}) with a FINISHED trial; "
+    raise ReportError(f"study {name!r} has no parent run ({ROLE}={PARENT}) with a FINISHED trial; "
                       f"{len(parents)} parent run(s) without results")
 
 
 def _children(client: MlflowClient, experiment_id: str, parent: pd.Series, name: str) -> pd.DataFrame:
-    runs = _runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent['run_id']}'")
-    if "tags.vadclip.role" in runs:
-        runs = runs[runs["tags.vadclip.role"].fillna(TRIAL) == TRIAL]
+    runs = _runs(client, experiment_id, children_filter(parent["run_id"]))
+    if column(ROLE) in runs:
+        runs = runs[runs[column(ROLE)].fillna(TRIAL) == TRIAL]
     if runs.empty or not (runs["status"] == "FINISHED").any():
         counts = runs["status"].value_counts().to_dict() if not runs.empty else {}
         raise ReportError(f"parent run {parent['run_id']} of study {name!r} has no FINISHED trial runs "
@@ -140,7 +151,7 @@ def _children(client: MlflowClient, experiment_id: str, parent: pd.Series, name:
 
 def tag(row: pd.Series | pd.DataFrame, key: str, default: str = "") -> str:
     """A run's tag; of a column of runs, its single value (the default when mixed or absent)."""
-    value = row.get(f"tags.{key}")
+    value = row.get(column(key))
     if isinstance(value, pd.Series):
         values = value.dropna().unique()
         return str(values[0]) if len(values) == 1 else default
@@ -149,15 +160,17 @@ def tag(row: pd.Series | pd.DataFrame, key: str, default: str = "") -> str:
 
 def data_style(dataset: str, children: pd.DataFrame) -> str:
     """ucf or xd; synthetic data carries its convention in the `data.synthetic.style` param."""
-    if dataset == "synthetic" and "params.data.synthetic.style" in children:
-        styles = children["params.data.synthetic.style"].dropna().unique()
+    style = param_column("data.synthetic.style")
+    if dataset == "synthetic" and style in children:
+        styles = children[style].dropna().unique()
         return "ucf" if list(styles) == ["ucf"] else "xd"
     return "ucf" if dataset == "ucf" else "xd"
 
 
 def final_metrics(runs: pd.DataFrame) -> list[str]:
     """The `final/*` metric names present, core ones first (paper order), then mAP levels, then the rest."""
-    names = [c[len(FINAL):] for c in runs.columns if c.startswith(FINAL) and "/" not in c[len(FINAL):]]
+    names = [c[len(FINAL_COLUMN):] for c in runs.columns if c.startswith(FINAL_COLUMN)]
+    names = [n for n in names if "/" not in n]  # not final/val/*
     levels = sorted(n for n in names if n.startswith("map_iou"))
     rest = sorted(n for n in names if n not in CORE and n not in levels)
     return [m for m in CORE if m in names] + levels + rest
@@ -169,7 +182,7 @@ def read_replicates(ctx: Context, metric: str) -> dict[str, np.ndarray]:
     if metric not in BOOTSTRAP_METRICS:
         return {}
     out = {}
-    seeds = ctx.finished.get("tags.seed", pd.Series("0", index=ctx.finished.index))
+    seeds = ctx.finished.get(column(SEED), pd.Series("0", index=ctx.finished.index))
     with tempfile.TemporaryDirectory(prefix="vadclip-report-") as tmp:
         for i, (run_id, seed) in enumerate(zip(ctx.finished["run_id"], seeds)):
             def fetch(name: str, run_id: str = str(run_id), i: int = i) -> str | None:

@@ -1,4 +1,7 @@
-"""The notes both kinds of report carry: dataset and evaluation protocol, the paper's numbers, provenance."""
+"""The notes both kinds of report carry: dataset and evaluation protocol, the paper's numbers, provenance.
+
+A report's notes are addressable by name: an ordered mapping name -> text (`Notes`), in the order shown.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +12,49 @@ from typing import Any
 
 import pandas as pd
 
+from study.record import (
+    CODE_VERSION,
+    MAP_PROTOCOL,
+    SCORE_BRANCH,
+    SELECTION,
+    SOURCE_DIGEST,
+    VARIANT,
+    column,
+    param_column,
+)
 from study.report.context import Context, tag
 from study.report.render import date_text
-from study.tracking import SOURCE_DIGEST_TAG
+from study.tracking import sqlite_path
 from vadclip.portable import KERNEL_TAGS
+
+Notes = dict[str, str]  # name -> text, in the order shown
 
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
 SYNTHETIC_NOTE = "Synthetic data: the paper's values are for the real dataset, shown for orientation only"
 
 
-def protocol_notes(ctx: Context) -> list[str]:
-    """Dataset, model selection, AP and mAP definitions."""
-    selection = _describe(ctx, "selection", "eval.selection")
-    protocol = _describe(ctx, "map_protocol", "eval.map_protocol",
+def protocol_notes(ctx: Context) -> Notes:
+    """Dataset and model selection, AP and mAP definitions, the score branch (when known)."""
+    selection = _describe(ctx, SELECTION, "eval.selection")
+    protocol = _describe(ctx, MAP_PROTOCOL, "eval.map_protocol",
                          lambda p: f"{p} ({MAP_NOTES.get(p, 'unknown protocol')})")
-    notes = [f"Dataset: {ctx.dataset} ({ctx.style}-style labels); model selection on {selection}; the selected "
-             "checkpoint re-evaluated on test.", AP_NOTE + ".", f"mAP protocol: {protocol}."]
-    branch = _describe(ctx, "score_branch")
+    notes = {"dataset": f"Dataset: {ctx.dataset} ({ctx.style}-style labels); model selection on {selection}; the "
+             "selected checkpoint re-evaluated on test.", "ap": AP_NOTE + ".", "map": f"mAP protocol: {protocol}."}
+    branch = _describe(ctx, SCORE_BRANCH)
     if branch != "unknown":
-        notes.append(f"Scores from branch: {branch}.")
+        notes["branch"] = f"Scores from branch: {branch}."
     return notes
 
 
-def paper_note(ctx: Context) -> list[str]:
-    return [SYNTHETIC_NOTE + "."] if ctx.dataset == "synthetic" else []
+def paper_note(ctx: Context) -> Notes:
+    return {"paper": SYNTHETIC_NOTE + "."} if ctx.dataset == "synthetic" else {}
 
 
 def planned(parent: pd.Series, param: str, default: Any) -> str:
     """The invocation's value (the parent's `study.trials`/`study.seeds` params count --num-samples/--seeds
     overrides; the YAML's value does not)."""
-    value = parent.get(f"params.{param}")
+    value = parent.get(param_column(param))
     return str(value) if value is not None and value == value else str(default)
 
 
@@ -49,8 +64,8 @@ def provenance(ctx: Context) -> str:
     # end (parent still RUNNING, every trial ended) is complete
     unfinished = status in ("KILLED", "FAILED") or status == "RUNNING" and (ctx.children["status"] == "RUNNING").any()
     partial = f" ({status}: partial results)" if unfinished else ""
-    code = tag(ctx.parent, "code_version") or "unknown"
-    digest = tag(ctx.parent, SOURCE_DIGEST_TAG)
+    code = tag(ctx.parent, CODE_VERSION) or "unknown"
+    digest = tag(ctx.parent, SOURCE_DIGEST)
     started = date_text(ctx.parent.get("start_time"))
     return (f"MLflow {display_uri(ctx.uri)}, experiment {ctx.spec.name}, parent run {ctx.parent_id}{partial} "
             f"started {started}, code version {code}{f' (source digest {digest})' if digest else ''}"
@@ -61,8 +76,8 @@ def kernels_note(children: pd.DataFrame) -> str:
     """'; trials on CPU capability AVX2 (forced), MKL CNR COMPATIBLE, 1 thread' from the trials' tags (vadclip.portable:
     the kernels decide the last bits); every value seen, '/'-joined; '' when no trial has them."""
     def seen(key: str) -> str:
-        column = children.get(f"tags.{key}")
-        return " / ".join(sorted(map(str, column.dropna().unique()))) if column is not None else ""
+        values = children.get(column(key))
+        return " / ".join(sorted(map(str, values.dropna().unique()))) if values is not None else ""
 
     capability, mkl, threads = map(seen, KERNEL_TAGS)
     if not capability:
@@ -74,13 +89,13 @@ def kernels_note(children: pd.DataFrame) -> str:
 
 def display_uri(uri: str) -> str:
     """A SQLite store inside the current folder as a relative URI: reports carry no machine path."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        try:
-            return f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve())}"
-        except ValueError:
-            return uri
-    return uri
+    path = sqlite_path(uri)
+    if path is None:
+        return uri
+    try:
+        return f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve())}"
+    except ValueError:
+        return uri
 
 
 def _describe(ctx: Context, key: str, param: str | None = None, explain: Callable[[str], str] = str) -> str:
@@ -97,10 +112,11 @@ def _describe(ctx: Context, key: str, param: str | None = None, explain: Callabl
 def _per_variant(children: pd.DataFrame, key: str, param: str | None = None) -> dict[str, str]:
     """A trial's value per variant ('' where the variant's trials disagree): the config param where it is
     logged (it is the trial's own config; the runner's tags may carry the study's base value), else the tag."""
-    column = f"params.{param}" if param and f"params.{param}" in children else f"tags.{key}"
-    if column not in children or "tags.variant" not in children:
+    logged = column(key)  # older runs: the tag alone
+    name = param_column(param) if param and param_column(param) in children else logged
+    if name not in children or column(VARIANT) not in children:
         return {}
-    return {str(v): _single(rows[column]) for v, rows in children.groupby("tags.variant", sort=False)}
+    return {str(v): _single(rows[name]) for v, rows in children.groupby(column(VARIANT), sort=False)}
 
 
 def _single(values: pd.Series) -> str:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from study.report.columns import RUNS, Columns
 from vadclip.metrics import percent_scale, shown_range
 
 matplotlib.use("Agg")
@@ -76,19 +77,20 @@ CLIPPED = "†"  # a t-interval that crossed the metric's range, cut at the boun
 def mean_std(row: pd.Series, metric: str, interval_of_mean: bool = False) -> str:
     """`mean ± std` in percent where logged as fractions, with the row's `[low, high]` interval of the mean when
     asked; `(n=…)` when fewer runs than the row's finished ones."""
-    mean, std, n = row.get(f"{metric}_mean"), row.get(f"{metric}_std"), int(row.get(f"{metric}_n", 0) or 0)
+    cols = Columns(metric)
+    mean, std, n = row.get(cols.mean), row.get(cols.std), int(row.get(cols.n, 0) or 0)
     if not finite(mean):
         return "-"
     scale = percent_scale(metric)
     text = f"{mean * scale:.2f} ± {std * scale:.2f}" if n >= 2 and finite(std) else f"{mean * scale:.2f}"
-    low, high = row.get(f"{metric}_low", math.nan) * scale, row.get(f"{metric}_high", math.nan) * scale
+    low, high = row.get(cols.low, math.nan) * scale, row.get(cols.high, math.nan) * scale
     bounds = shown_range(metric)
     clipped = bounds is not None and finite(low) and finite(high) and (low < bounds[0] or high > bounds[1])
     if clipped and bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
     if interval_of_mean and (span := interval(low, high)):
         text = f"{text} {span}{CLIPPED if clipped else ''}"
-    return text if n == row["runs"] else f"{text} (n={n})"
+    return text if n == row[RUNS] else f"{text} (n={n})"
 
 
 def param_text(value: Any) -> str:

@@ -6,20 +6,45 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 
-from study.report.ablation import ablation_grid, ablation_notes, ablation_table
-from study.report.context import FINAL, FINAL_VAL, Context, ReportError, final_metrics, read_replicates, tag
-from study.report.notes import planned, protocol_notes, provenance
-from study.report.protocols import SELECTION, read_protocols
+from study.record import (
+    CONFIRM,
+    DEFAULT_SELECTION,
+    EPOCH,
+    FINAL,
+    FINAL_COLUMN,
+    FINAL_VAL_COLUMN,
+    OPTUNA_STORAGE,
+    OPTUNA_STUDY,
+    PLANNED_TRIALS,
+    SEARCH,
+    SEED,
+    STAGE,
+    STOPPED_EARLY,
+    TRIAL_ID,
+    VAL,
+    VARIANT,
+    column,
+    final_objective_key,
+    metric_column,
+    param_column,
+)
+from study.record import SELECTION as SELECTION_TAG
+from study.report import protocols as registry
+from study.report.ablation import STATISTICS, ablation_grid, ablation_notes, ablation_table
+from study.report.columns import BEST_EPOCH, CONFIGURATION_INDEX, EPOCHS, RUN_ID, TRIAL_INDEX, Columns, validation
+from study.report.context import Context, ReportError, final_metrics, read_replicates, tag
+from study.report.notes import Notes, planned, protocol_notes, provenance
+from study.report.protocols import read_protocols
 from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
 from study.space import Domain
 from study.spec import CONFIRM_BASE, Variant
+from study.tracking import sqlite_path
 from vadclip.metrics import CORE_METRICS as CORE
 from vadclip.metrics import label, percent_scale
 
@@ -30,18 +55,18 @@ def search_report(ctx: Context) -> Document:
     """The confirmed table first when the search had a confirmation stage (children tagged stage=confirm), then
     the search's own ranking, importances and notes."""
     confirmed = confirm_section(ctx)
-    stage = ctx.children.get("tags.stage", pd.Series("search", index=ctx.children.index)).fillna("search")
-    ctx = replace(ctx, children=ctx.children[stage != "confirm"].reset_index(drop=True))
+    stage = ctx.children.get(column(STAGE), pd.Series(SEARCH, index=ctx.children.index)).fillna(SEARCH)
+    ctx = replace(ctx, children=ctx.children[stage != CONFIRM].reset_index(drop=True))
     spec, metric = ctx.spec, ctx.metric
     finished = ctx.finished
-    if FINAL + metric not in finished or finished[FINAL + metric].isna().all():
-        raise ReportError(f"no FINISHED trial of parent run {ctx.parent_id} logged final/{metric}")
+    if FINAL_COLUMN + metric not in finished or finished[FINAL_COLUMN + metric].isna().all():
+        raise ReportError(f"no FINISHED trial of parent run {ctx.parent_id} logged {FINAL}{metric}")
     rank = rank_column(ctx.parent, finished, metric)
     table = search_table(spec.space, finished, metric, rank)
     add_protocols(ctx, table, metric)
     counts = status_counts(ctx.children)
     importances, importance_note = stored_importances(ctx) or param_importances(spec.space, table, rank)
-    notes = search_notes(ctx, counts, importance_note, rank)
+    notes = list(search_notes(ctx, counts, importance_note, rank).values())
     grid = search_grid(table, list(spec.space), metric, rank)
     plot_name = f"{spec.name}_params.png"
     name = label(metric)
@@ -65,9 +90,9 @@ def search_report(ctx: Context) -> Document:
     if importances:
         tex += to_latex(importance_grid(importances), f"{spec.name}: parameter importances (Optuna fANOVA)",
                         tex_label(spec.name) + "-importance", [])
-    csv = table.to_csv(index_label="trial")
+    csv = table.to_csv(index_label=TRIAL_INDEX)
     if confirmed is not None:
-        csv = confirmed[0].to_csv(index_label="configuration") + "\n" + csv
+        csv = confirmed[0].to_csv(index_label=CONFIGURATION_INDEX) + "\n" + csv
     return Document(table, text, notes, "\n".join(md), tex, csv, plot_name,
                     search_plot(table, spec.space, metric, rank, spec.name))
 
@@ -75,22 +100,23 @@ def search_report(ctx: Context) -> Document:
 def confirm_section(ctx: Context) -> tuple[pd.DataFrame, Grid, list[str]] | None:
     """The confirmation stage as an ablation over its rows (the base configuration is the reference): its
     table, grid and notes; None without confirm children."""
-    if "tags.stage" not in ctx.children:
+    if column(STAGE) not in ctx.children:
         return None
-    confirm = ctx.children[ctx.children["tags.stage"] == "confirm"].reset_index(drop=True)
+    confirm = ctx.children[ctx.children[column(STAGE)] == CONFIRM].reset_index(drop=True)
     if confirm.empty or not (confirm["status"] == "FINISHED").any():
         return None
-    names = sorted(confirm["tags.variant"].dropna().unique(), key=_confirm_order)
+    names = sorted(confirm[column(VARIANT)].dropna().unique(), key=_confirm_order)
     spec = replace(ctx.spec, kind="ablation", variants=tuple(Variant(n, {}) for n in names), full=CONFIRM_BASE)
-    sub = replace(ctx, spec=spec, children=confirm, protocol=SELECTION)
-    table = ablation_table(spec, confirm, ctx.metric, SELECTION, read_protocols(sub),
+    sub = replace(ctx, spec=spec, children=confirm, protocol=registry.SELECTION)
+    table = ablation_table(spec, confirm, ctx.metric, registry.SELECTION, read_protocols(sub),
                            read_replicates(sub, ctx.metric), ctx.style)
     grid = ablation_grid(table, ctx.metric, CONFIRM_BASE, reference=CONFIRM_BASE)
-    seeds = sorted(confirm["tags.seed"].dropna().unique()) if "tags.seed" in confirm else []
+    seeds = sorted(confirm[column(SEED)].dropna().unique()) if column(SEED) in confirm else []
+    statistics = ablation_notes(sub, table, registry.SELECTION)
     notes = [f"The top {len(names) - 1} search configurations by the validation {label(ctx.metric)} the search "
              f"optimised, re-trained with the base configuration on fresh seeds ({', '.join(seeds)}; the search "
              "ran on one other seed); Δ against the base configuration.",
-             *ablation_notes(sub, table, SELECTION)[:3]]
+             *[statistics[name] for name in STATISTICS]]
     return table, grid, notes
 
 
@@ -103,39 +129,48 @@ def _confirm_order(name: str) -> tuple[int, str]:
 
 
 def add_protocols(ctx: Context, table: pd.DataFrame, metric: str) -> None:
-    """The top trials' `<metric>` at their best test evaluation and at their last (from the histories), beside
-    the selected checkpoint's (the ranked val protocol)."""
-    top = ctx.finished[ctx.finished["run_id"].isin(table["run_id"].head(TOP_K))]
+    """The top trials' `<metric>` under the protocols a search shows (study.report.protocols.shown_in_search: at
+    their best test evaluation and at their last, from the histories), beside the selected checkpoint's (the ranked
+    val protocol)."""
+    top = ctx.finished[ctx.finished[RUN_ID].isin(table[RUN_ID].head(TOP_K))]
     frame = read_protocols(replace(ctx, children=top)) if not top.empty else pd.DataFrame()
-    for protocol in ("test", "last"):
-        column = f"{protocol}/{metric}"
-        table[f"{metric}_{protocol}"] = table["run_id"].map(frame[column]) if column in frame else math.nan
+    cols = Columns(metric)
+    for protocol in registry.shown_in_search():
+        key = registry.frame_column(protocol.name, metric)
+        table[cols.protocol(protocol.name)] = table[RUN_ID].map(frame[key]) if key in frame else math.nan
 
 
 # ---------------------------------------------------------------- the table, ranking and importances
 
 
 def rank_column(parent: pd.Series, finished: pd.DataFrame, metric: str) -> str:
-    """What a search is ranked by: the metric it optimised, i.e. the selected checkpoint's validation metric
-    (`val_<metric>`) under `eval.selection=val`; the test metric under the authors' `selection=test`."""
-    if tag(parent, "selection", "val") == "val" and FINAL_VAL + metric in finished:
-        return f"val_{metric}"
-    return metric
+    """What a search is ranked by: the metric it optimised (study.record.final_objective_key), i.e. the selected
+    checkpoint's validation metric (`val_<metric>`) under `eval.selection=val`; the test metric under the authors'
+    `selection=test` (and where the trials lack the objective)."""
+    key = final_objective_key(tag(parent, SELECTION_TAG, DEFAULT_SELECTION), metric)
+    return table_column(key) if metric_column(key) in finished else metric
+
+
+def table_column(key: str) -> str:
+    """A final metric key's column in the search table: `final/<m>` -> `<m>`, `final/val/<m>` -> `val_<m>`."""
+    name = key[len(FINAL):]
+    return validation(name[len(VAL):]) if name.startswith(VAL) else name
 
 
 def search_table(space: dict[str, Domain], finished: pd.DataFrame, metric: str, rank: str) -> pd.DataFrame:
     """One row per FINISHED trial with a `rank` value, best first: searched params (typed), final test metrics
     and the selected checkpoint's validation metric."""
-    index = finished.get("tags.trial_id", finished["run_id"]).fillna(finished["run_id"])
-    table = pd.DataFrame({"run_id": finished["run_id"].to_numpy()}, index=pd.Index(index.to_numpy(), name="trial"))
+    index = finished.get(column(TRIAL_ID), finished[RUN_ID]).fillna(finished[RUN_ID])
+    table = pd.DataFrame({RUN_ID: finished[RUN_ID].to_numpy()}, index=pd.Index(index.to_numpy(), name=TRIAL_INDEX))
     for key, domain in space.items():
-        raw = finished.get(f"params.{key}", pd.Series(None, index=finished.index))
+        raw = finished.get(param_column(key), pd.Series(None, index=finished.index))
         table[key] = [_safe_value(v, domain) for v in raw]
     for m in final_metrics(finished):
-        table[m] = finished[FINAL + m].to_numpy()
-    if FINAL_VAL + metric in finished:
-        table[f"val_{metric}"] = finished[FINAL_VAL + metric].to_numpy()
-    table["epochs"] = finished["metrics.epoch"].to_numpy() if "metrics.epoch" in finished else math.nan
+        table[m] = finished[FINAL_COLUMN + m].to_numpy()
+    if FINAL_VAL_COLUMN + metric in finished:
+        table[validation(metric)] = finished[FINAL_VAL_COLUMN + metric].to_numpy()
+    epochs = metric_column(EPOCH)
+    table[EPOCHS] = finished[epochs].to_numpy() if epochs in finished else math.nan
     return table.dropna(subset=[rank]).sort_values(rank, ascending=False, kind="stable")
 
 
@@ -153,10 +188,11 @@ def status_counts(children: pd.DataFrame) -> dict[str, int]:
     counts = {str(k): int(v) for k, v in children["status"].value_counts().items()}
     alive = children[~children["status"].isin(["FAILED", "RUNNING"])]  # running: not stopped (yet)
     early = pd.Series(False, index=alive.index)
-    if "tags.stopped_early" in alive:
-        early |= alive["tags.stopped_early"].fillna("").str.lower() == "true"
-    if "metrics.epoch" in children and children["metrics.epoch"].notna().any():
-        early |= alive["metrics.epoch"].fillna(0) < children["metrics.epoch"].max()
+    stopped, epochs = column(STOPPED_EARLY), metric_column(EPOCH)
+    if stopped in alive:
+        early |= alive[stopped].fillna("").str.lower() == "true"
+    if epochs in children and children[epochs].notna().any():
+        early |= alive[epochs].fillna(0) < children[epochs].max()
     counts["early-stopped"] = int(early.sum())
     return counts
 
@@ -164,8 +200,8 @@ def status_counts(children: pd.DataFrame) -> dict[str, int]:
 def stored_importances(ctx: Context) -> tuple[dict[str, float], str | None] | None:
     """fANOVA importances (seeded) from the search's own Optuna study (the parent's tags optuna.storage and
     optuna.study): the values the searcher was told; None when the study is not there."""
-    url, name = tag(ctx.parent, "optuna.storage"), tag(ctx.parent, "optuna.study")
-    if not url or not name or (url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file()):
+    url, name = tag(ctx.parent, OPTUNA_STORAGE), tag(ctx.parent, OPTUNA_STUDY)
+    if not url or not name or ((path := sqlite_path(url)) is not None and not path.is_file()):
         return None
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -229,20 +265,20 @@ def search_grid(table: pd.DataFrame, keys: list[str], metric: str, rank: str) ->
     """The top TOP_K trials; the ranked column of the best one in bold."""
     others = [m for m in CORE if m != metric and m in table]
     ranked = [rank] if rank != metric else []
-    protocols = [p for p in ("test", "last") if f"{metric}_{p}" in table]
-    protocol_names = {"test": "best-on-test", "last": "last"}
+    cols = Columns(metric)
+    protocols = [cols.protocol(p.name) for p in registry.shown_in_search() if cols.protocol(p.name) in table]
+    labels = [f"{label(metric)} {p.label}" for p in registry.shown_in_search() if cols.protocol(p.name) in table]
     headers = ["Trial", *keys, *[f"{label(metric)} (val, ranked)" for _ in ranked],
-               f"{label(metric)} (test)" + ("" if ranked else ", ranked"),
-               *[f"{label(metric)} {protocol_names[p]}" for p in protocols], *[label(m) for m in others],
+               f"{label(metric)} (test)" + ("" if ranked else ", ranked"), *labels, *[label(m) for m in others],
                "best epoch", "epochs"]
     grid = Grid(headers, [])
     for trial, row in table.head(TOP_K).iterrows():
         cells = [str(trial), *[param_text(row[k]) for k in keys]]
         cells += [num(row[r] * percent_scale(metric)) for r in ranked]
         cells += [num(row[metric] * percent_scale(metric))]
-        cells += [num(row[f"{metric}_{p}"] * percent_scale(metric)) for p in protocols]
+        cells += [num(row[p] * percent_scale(metric)) for p in protocols]
         cells += [num(row[m] * percent_scale(m)) for m in others]
-        cells += [num(row.get("best_epoch"), 0), num(row.get("epochs"), 0)]
+        cells += [num(row.get(BEST_EPOCH), 0), num(row.get(EPOCHS), 0)]
         grid.rows.append(cells)
     if grid.rows:
         grid.bold.add((0, len(keys) + 1))
@@ -259,23 +295,32 @@ def _rank_text(metric: str, rank: str) -> str:
     return f"the test {label(metric)} of the selected checkpoint (selection on test: the authors' protocol)"
 
 
-def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | None, rank: str) -> list[str]:
+def _beside_text(metric: str) -> str:
+    """', and the test AP at … and at …, both from the logged histories': the protocols a search shows."""
+    texts = [p.search_text for p in registry.shown_in_search()]
+    if not texts:
+        return ""
+    listed = f"{', '.join(texts[:-1])} and {texts[-1]}" if len(texts) > 1 else texts[0]
+    quantifier = {1: "", 2: " both"}.get(len(texts), " all")
+    return f", and the test {label(metric)} {listed},{quantifier} from the logged histories"
+
+
+def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | None, rank: str) -> Notes:
+    """The notes by name, in the order shown."""
     statuses = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "early-stopped")
     space = "; ".join(f"{k}: {d.describe()}" for k, d in ctx.spec.space.items())
     scheduler = ", ".join(f"{k}={v}" for k, v in ctx.spec.scheduler.items())
-    notes = [f"Trials: {len(ctx.children)} ({statuses}); early-stopped (tag stopped_early or fewer epochs than "
-             f"the longest trial): {counts['early-stopped']}; failed: {counts.get('FAILED', 0)}.",
-             f"Ranked by {_rank_text(ctx.metric, rank)}; test metrics of the selected checkpoint beside it, and "
-             f"the test {label(ctx.metric)} at the trial's best test evaluation (best-on-test, what the authors' code "
-             "prints; for information only: choosing by it is optimistic) and at its last evaluation, both from the "
-             "logged histories; one seed per trial, so a ranking is not a comparison: the confirmed table is; all "
-             "metrics in percent as the paper.",
-             f"Searched space: {space}; scheduler: {scheduler}; "
-             f"samples: {planned(ctx.parent, 'study.trials', ctx.spec.num_samples)}.",
-             *protocol_notes(ctx)]
+    notes = {"trials": f"Trials: {len(ctx.children)} ({statuses}); early-stopped (tag {STOPPED_EARLY} or fewer epochs "
+             f"than the longest trial): {counts['early-stopped']}; failed: {counts.get('FAILED', 0)}.",
+             "ranking": f"Ranked by {_rank_text(ctx.metric, rank)}; test metrics of the selected checkpoint beside "
+             f"it{_beside_text(ctx.metric)}; one seed per trial, so a ranking is not a comparison: the confirmed "
+             "table is; all metrics in percent as the paper.",
+             "space": f"Searched space: {space}; scheduler: {scheduler}; "
+             f"samples: {planned(ctx.parent, PLANNED_TRIALS, ctx.spec.num_samples)}.",
+             **protocol_notes(ctx)}
     if importance_note:
-        notes.append(f"Importances: {importance_note}.")
-    notes.append(provenance(ctx))
+        notes["importances"] = f"Importances: {importance_note}."
+    notes["provenance"] = provenance(ctx)
     return notes
 
 

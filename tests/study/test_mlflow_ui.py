@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import pytest
 from mlflow.utils.validation import _validate_metric_name
 
-from study.plots import html_report  # sets matplotlib's file-only backend
+from study.report.html import html_report  # study.report sets matplotlib's file-only backend
 from study.tracking import (
     TrialRun,
     child_run_name,

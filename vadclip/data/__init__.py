@@ -1,6 +1,7 @@
 """Data layer: the benchmarks' conventions, the authors' list/feature layout, a synthetic twin, datasets
 and batching."""
 
+from vadclip.data.banks import DiskFeatureBank, FeatureBank, build_bank
 from vadclip.data.batching import Bank, collate, epoch_batches, pad_to_length, pool_to_length, split_chunks
 from vadclip.data.cache import CacheError, MappedFeatureBank, cache_location
 from vadclip.data.classes import multi_hot, parse_label
@@ -14,17 +15,7 @@ from vadclip.data.conventions import (
     list_files,
     split_crop,
 )
-from vadclip.data.dataset import (
-    DiskFeatureBank,
-    EvalSet,
-    FeatureBank,
-    Layout,
-    VadDataset,
-    build_bank,
-    load_dataset,
-    read_layout,
-    split_videos,
-)
+from vadclip.data.dataset import EvalSet, VadDataset, load_dataset
 from vadclip.data.errors import DataError
 from vadclip.data.layout import (
     ListRow,
@@ -34,6 +25,7 @@ from vadclip.data.layout import (
     resolve_feature_path,
     write_ground_truth,
 )
+from vadclip.data.split import Layout, read_layout, split_videos
 
 __all__ = [
     "CLASS_CODES", "CLASS_PROMPTS", "DEFAULT_TEST_CROP", "GT_NORMAL", "SNIPPET_FRAMES", "Bank", "CacheError",

@@ -10,7 +10,7 @@ import numpy as np
 
 class Bank(Protocol):
     """Ragged (T_i, d) float32 arrays by index: `FeatureBank` (in memory) or `DiskFeatureBank` (read at each
-    access), both in `vadclip.data.dataset`."""
+    access), both in `vadclip.data.banks`."""
 
     def __len__(self) -> int: ...
 

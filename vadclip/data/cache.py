@@ -59,16 +59,9 @@ from pathlib import Path
 import numpy as np
 
 from vadclip.config import VadClipConfig
-from vadclip.data.dataset import (
-    DiskFeatureBank,
-    FeatureBank,
-    Layout,
-    disk_offsets,
-    pack,
-    parallel_map,
-    read_layout,
-)
+from vadclip.data.banks import DiskFeatureBank, FeatureBank, disk_offsets, pack, parallel_map
 from vadclip.data.errors import DataError
+from vadclip.data.split import Layout, read_layout
 
 if sys.platform != "win32":
     import fcntl  # no build lock on Windows: concurrent builds race, os.replace keeps the winner whole

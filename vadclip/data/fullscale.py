@@ -54,7 +54,6 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from vadclip.cli import Parser
 from vadclip.data.conventions import (
     CLASS_CODES,
     DEFAULT_TEST_CROP,
@@ -65,7 +64,7 @@ from vadclip.data.conventions import (
     list_label,
 )
 from vadclip.data.layout import Annotation, write_ground_truth
-from vadclip.data.synthetic import (
+from vadclip.data.twin import (
     AUTHORS_ROOT,
     FEATURES_DIR,
     LISTS_DIR,
@@ -75,6 +74,7 @@ from vadclip.data.synthetic import (
     VideoPlan,
     ucf_video_rel,
 )
+from vadclip.errors import Parser
 
 Scale = Literal["ucf-full", "xd-full"]
 SCALES: tuple[str, ...] = get_args(Scale)

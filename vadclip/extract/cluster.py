@@ -30,17 +30,11 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
-from vadclip.extract import (
-    ExtractError,
-    ExtractSummary,
-    Preprocess,
-    VideoError,
-    VideoJob,
-    encode_video,
-    load_clip,
-    progress_bars,
-    record_video,
-)
+from vadclip.extract.encode import encode_video, load_clip
+from vadclip.extract.errors import ExtractError, VideoError
+from vadclip.extract.jobs import VideoJob
+from vadclip.extract.preprocess import Preprocess
+from vadclip.extract.summary import ExtractSummary, progress_bars, record_video
 
 log = logging.getLogger("vadclip.extract")
 MAX_ATTEMPTS = 3  # workers a video may take down (or lose) before it counts as failed
