@@ -29,9 +29,17 @@ from study.record import (
 )
 from study.report import protocols as registry
 from study.report.columns import FAILED, INDEX, REUSED, RUNS, UNFINISHED, Columns, put, read
-from study.report.context import Context, ReportError, final_metrics, finished_runs, read_replicates, tag
+from study.report.context import (
+    Context,
+    ReportError,
+    final_metrics,
+    finished_runs,
+    read_protocols,
+    read_replicates,
+    tag,
+)
 from study.report.notes import Notes, paper_note, planned, protocol_notes, provenance
-from study.report.protocols import BEST_ON_TEST, BEST_ON_VAL, SELECTION, protocol_text, read_protocols
+from study.report.protocols import BEST_ON_TEST, BEST_ON_VAL, SELECTION, protocol_text
 from study.report.render import (
     CLIPPED,
     Document,

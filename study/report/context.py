@@ -27,7 +27,7 @@ from study.record import (
     parents_filter,
     tag_columns,
 )
-from study.report.protocols import SELECTION
+from study.report.protocols import SELECTION, protocol_frame
 from study.report.render import date_text
 from study.spec import StudySpec
 from study.tracking import client as tracking_client
@@ -42,6 +42,7 @@ from vadclip.bootstrap import (
 )
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS as CORE
+from vadclip.metrics import MAP_LEVELS, mlflow_key
 
 
 class ReportError(VadClipError, RuntimeError):
@@ -197,3 +198,11 @@ def read_replicates(ctx: Context, metric: str) -> dict[str, np.ndarray]:
                 seed_value = int(seed) if str(seed).lstrip("-").isdigit() else 0
                 out[str(run_id)] = video_bootstrap(load_test_scores(path), seed=seed_value)[metric]
     return out
+
+
+def read_protocols(ctx: Context) -> pd.DataFrame:
+    """The protocol frame of a report's FINISHED trials for the core metrics and mAP levels they logged."""
+    present = {c[len(FINAL_COLUMN):] for c in ctx.finished.columns if c.startswith(FINAL_COLUMN)}
+    metrics = [m for m in (*CORE, *map(mlflow_key, MAP_LEVELS)) if m in present]
+    default = "auc" if ctx.style == "ucf" else "ap"  # eval.selection_metric auto; runs tag their own
+    return protocol_frame(tracking_client(ctx.uri), ctx.finished, default, metrics)

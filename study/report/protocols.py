@@ -17,18 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from study.record import FINAL_COLUMN, SELECTION_METRIC, TEST, VAL, column
-from study.tracking import client, retry
-from vadclip.metrics import CORE_METRICS, MAP_LEVELS, mlflow_key
-
-if TYPE_CHECKING:
-    from study.report.context import Context
+from study.record import SELECTION_METRIC, TEST, VAL, column
+from study.tracking import retry
+from vadclip.metrics import mlflow_key
 
 Derive = Callable[[pd.DataFrame, str], dict[str, float]]
 
@@ -174,11 +171,3 @@ def protocol_frame(client: MlflowClient, runs: pd.DataFrame, default_selection_m
         rows[run["run_id"]] = protocol_row(evaluations(client, str(run["run_id"]), sel, metrics), sel, metrics)
     columns = [frame_column(p.name, m) for p in derived() for m in metrics]
     return pd.DataFrame.from_dict(rows, orient="index", columns=columns)
-
-
-def read_protocols(ctx: Context) -> pd.DataFrame:
-    """The protocol frame of a report's FINISHED trials for the core metrics and mAP levels they logged."""
-    present = {c[len(FINAL_COLUMN):] for c in ctx.finished.columns if c.startswith(FINAL_COLUMN)}
-    metrics = [m for m in (*CORE_METRICS, *map(mlflow_key, MAP_LEVELS)) if m in present]
-    default = "auc" if ctx.style == "ucf" else "ap"  # eval.selection_metric auto; runs tag their own
-    return protocol_frame(client(ctx.uri), ctx.finished, default, metrics)

@@ -38,9 +38,8 @@ from study.record import SELECTION as SELECTION_TAG
 from study.report import protocols as registry
 from study.report.ablation import STATISTICS, ablation_grid, ablation_notes, ablation_table
 from study.report.columns import BEST_EPOCH, CONFIGURATION_INDEX, EPOCHS, RUN_ID, TRIAL_INDEX, Columns, validation
-from study.report.context import Context, ReportError, final_metrics, read_replicates, tag
+from study.report.context import Context, ReportError, final_metrics, read_protocols, read_replicates, tag
 from study.report.notes import Notes, planned, protocol_notes, provenance
-from study.report.protocols import read_protocols
 from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
 from study.space import Domain
 from study.spec import CONFIRM_BASE, Variant

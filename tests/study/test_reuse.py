@@ -12,9 +12,8 @@ import pytest
 from mlflow.entities import Metric, RunTag
 
 import vadclip
+from study import record
 from study.reuse import (
-    FINGERPRINT_TAG,
-    REUSED_FROM_TAG,
     ReuseError,
     code_digest,
     config_key,
@@ -134,21 +133,21 @@ def test_find_reusable_takes_finished_originals_across_experiments(store):
     uri, first, second = store
     fp = "f" * 64
     assert find_reusable(uri, fp) is None
-    _run(uri, first, {FINGERPRINT_TAG: fp}, "FAILED")
-    _run(uri, first, {FINGERPRINT_TAG: fp}, None)  # still RUNNING
-    _run(uri, second, {FINGERPRINT_TAG: "0" * 64})
+    _run(uri, first, {record.FINGERPRINT: fp}, "FAILED")
+    _run(uri, first, {record.FINGERPRINT: fp}, None)  # still RUNNING
+    _run(uri, second, {record.FINGERPRINT: "0" * 64})
     assert find_reusable(uri, fp) is None
 
-    original = _run(uri, second, {FINGERPRINT_TAG: fp}, start=2_000)
+    original = _run(uri, second, {record.FINGERPRINT: fp}, start=2_000)
     assert find_reusable(uri, fp) == original
     assert find_reusable(uri, fp, exclude_run_id=original) is None
-    later = _run(uri, first, {FINGERPRINT_TAG: fp}, start=3_000)
+    later = _run(uri, first, {record.FINGERPRINT: fp}, start=3_000)
     assert find_reusable(uri, fp) == original  # the earliest-started original
     # a copy started before the original is still not chosen over it
-    copy = _run(uri, first, {FINGERPRINT_TAG: fp, REUSED_FROM_TAG: original}, start=1_000)
+    copy = _run(uri, first, {record.FINGERPRINT: fp, record.REUSED_FROM: original}, start=1_000)
     assert find_reusable(uri, fp) == original
     # ... nor is an earlier copy of a run that no longer exists
-    stray = _run(uri, second, {FINGERPRINT_TAG: fp, REUSED_FROM_TAG: "0" * 32}, start=500)
+    stray = _run(uri, second, {record.FINGERPRINT: fp, record.REUSED_FROM: "0" * 32}, start=500)
     assert find_reusable(uri, fp) == original
 
     # only copies left (the originals deleted): the earliest copy, or its original when that is usable
@@ -159,7 +158,7 @@ def test_find_reusable_takes_finished_originals_across_experiments(store):
     c.delete_run(stray)
     assert find_reusable(uri, fp) == copy  # its original is deleted
     c.restore_run(original)
-    c.set_tag(original, FINGERPRINT_TAG, "moved")  # no longer found by its tag, yet the copy points at it
+    c.set_tag(original, record.FINGERPRINT, "moved")  # no longer found by its tag, yet the copy points at it
     assert find_reusable(uri, fp) == original
 
 
@@ -167,7 +166,7 @@ def test_copy_results_copies_history_artifacts_and_is_idempotent(store, tmp_path
     uri, first, second = store
     c = client(uri)
     fp = "c" * 64
-    source = _run(uri, first, {FINGERPRINT_TAG: fp, "test_branch": "a"}, None)
+    source = _run(uri, first, {record.FINGERPRINT: fp, "test_branch": "a"}, None)
     metrics = [Metric("val/ap", 0.5 + step / 10, 1_000 + step, step) for step in range(1, 4)]
     metrics += [Metric("epoch", float(step), 1_000 + step, step) for step in range(1, 4)]
     metrics += [Metric("final/ap", 0.8, 2_000, 3)]
@@ -179,7 +178,7 @@ def test_copy_results_copies_history_artifacts_and_is_idempotent(store, tmp_path
     c.log_artifact(source, str(tmp_path / "report.json"))
     c.set_terminated(source, "FINISHED")
 
-    target = _run(uri, second, {FINGERPRINT_TAG: fp, "variant": "new"}, None)
+    target = _run(uri, second, {record.FINGERPRINT: fp, "variant": "new"}, None)
     copy_results(uri, source, target)
     copy_results(uri, source, target)  # a retried trial: nothing twice
 
@@ -189,7 +188,7 @@ def test_copy_results_copies_history_artifacts_and_is_idempotent(store, tmp_path
         assert sorted(got) == sorted(want) and len(got) == len(want) > 0
     assert len(c.get_metric_history(target, "val/ap")) == 3
     run = c.get_run(target)
-    assert run.data.tags[REUSED_FROM_TAG] == source
+    assert run.data.tags[record.REUSED_FROM] == source
     assert run.data.tags["test_branch"] == "a" and run.data.tags["variant"] == "new"
     assert {f.path for f in c.list_artifacts(target)} == {"plots", "report.json"}
     assert [f.path for f in c.list_artifacts(target, "plots")] == ["plots/scores.txt"]
@@ -197,13 +196,13 @@ def test_copy_results_copies_history_artifacts_and_is_idempotent(store, tmp_path
     assert local.read_text() == "scores\n"
 
     # a copy of the copy names the original
-    third = _run(uri, first, {FINGERPRINT_TAG: fp}, None)
+    third = _run(uri, first, {record.FINGERPRINT: fp}, None)
     copy_results(uri, target, third)
-    assert c.get_run(third).data.tags[REUSED_FROM_TAG] == source
+    assert c.get_run(third).data.tags[record.REUSED_FROM] == source
     assert len(c.get_metric_history(third, "epoch")) == 3
 
     # a copy cut short (one point missing) gets only what it lacks
-    partial = _run(uri, first, {FINGERPRINT_TAG: fp}, None)
+    partial = _run(uri, first, {record.FINGERPRINT: fp}, None)
     c.log_batch(partial, metrics=metrics[:2], tags=[RunTag("note", "partial")])
     copy_results(uri, source, partial)
     assert sorted(m.step for m in c.get_metric_history(partial, "val/ap")) == [1, 2, 3]

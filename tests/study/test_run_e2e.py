@@ -238,7 +238,7 @@ def test_failure_after_the_parent_exists_marks_it_failed_and_keeps_the_resume_po
 def test_fused_study_has_the_unfused_rows_runs_and_params(tmp_path, ray_local):
     """fuse_seeds 2: one Tune trial trains both seeds of a row, each seed still its own child run with the same
     params, tags and artifacts as an unfused trial (plus `fused_group`); the report has the same rows and n."""
-    from study.tracking import FUSED_GROUP_TAG
+    from study.record import FUSED_GROUP
 
     for folder in ("plain", "fused"):
         (tmp_path / folder).mkdir()
@@ -249,8 +249,8 @@ def test_fused_study_has_the_unfused_rows_runs_and_params(tmp_path, ray_local):
     a = children(plain["tracking_uri"], "tiny_unfused", plain["parent_run_id"])
     b = children(fused["tracking_uri"], "tiny_fused", fused["parent_run_id"])
     assert len(a) == len(b) == 4 and set(b["status"]) == {"FINISHED"}
-    assert b["tags.trial_id"].nunique() == 2 and set(b[f"tags.{FUSED_GROUP_TAG}"]) == {"234,235"}
-    assert FUSED_GROUP_TAG not in {c[len("tags."):] for c in a.columns if c.startswith("tags.")}
+    assert b["tags.trial_id"].nunique() == 2 and set(b[f"tags.{FUSED_GROUP}"]) == {"234,235"}
+    assert FUSED_GROUP not in {c[len("tags."):] for c in a.columns if c.startswith("tags.")}
     for column in ("params", "metrics"):  # the same params (values too, but for the seed) and metrics
         assert {c for c in a.columns if c.startswith(column)} == {c for c in b.columns if c.startswith(column)}
     params = [c for c in a.columns if c.startswith("params.")]
