@@ -14,7 +14,7 @@ import yaml
 
 from study.space import Domain, SpaceError, validate_points
 from vadclip.cli import Override, as_dict, blame
-from vadclip.config import ConfigError, VadClipConfig, apply_overrides, coerce, field_type, preset
+from vadclip.config import ConfigError, VadClipConfig, apply_overrides, auto_metric, coerce, field_type, preset
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS, MAP_LEVELS
 
@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = ("ablation", "search")
-DATASETS = ("synthetic", "ucf", "xd")
+DATASETS = ("synthetic", "ucf", "xd", "sht", "ubnormal")
 SCHEDULERS = ("asha", "fifo")
 PAPER_METRICS = (*CORE_METRICS, *MAP_LEVELS)  # what a row may quote from the paper and a table may show
-STYLES = ("ucf", "xd")
+STYLES = ("ucf", "xd", "sht", "ubnormal")  # the datasets a row's paper numbers may be keyed by
+PAPER_DATASETS = ("ucf", "xd")  # the paper's own tables: a row's unkeyed `paper:` numbers are for these
 VARIANTS = ("official", "paper")  # vadclip.config presets: the authors' code, the paper's text
 FUSE_AUTO_MOST = 5  # fuse_seeds auto: at most this many seeds of a row in one trial (on a GPU)
 CONFIRM_BASE = "base"  # a search's confirmation stage's reference row (its base configuration), for run and report
@@ -315,10 +316,11 @@ class Variant:
         return cls(**_values(cls, raw, where))
 
     def paper_values(self, style: str) -> dict[str, float]:
-        """The paper's numbers for this row on `style` data (ucf | xd)."""
+        """The paper's numbers for this row on `style` data: those keyed by it, else unkeyed ones, which are the
+        paper's own datasets' (ucf | xd; the paper reports no ablation on sht or ubnormal)."""
         if any(k in STYLES for k in self.paper):
             return dict(self.paper.get(style, {}))
-        return dict(self.paper)
+        return dict(self.paper) if style in PAPER_DATASETS else {}
 
 
 def _variants(raw: list[Any], where: str) -> tuple[Variant, ...]:
@@ -365,7 +367,7 @@ class StudySpec:
     fuse_seeds: int | str = field(default="auto", metadata=_rule(read=check_fuse_seeds))
 
     def resolve_metric(self, style: str) -> str:
-        return self.metric if self.metric != "auto" else ("auc" if style == "ucf" else "ap")
+        return self.metric if self.metric != "auto" else auto_metric(style)
 
     def text(self) -> str:
         return self.path.read_text()

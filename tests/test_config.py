@@ -80,3 +80,21 @@ def test_real_data_presets_default_to_openai_quickgelu_clip():
         for variant in ("official", "paper"):
             assert preset(name, variant).clip.model == "ViT-B-16-quickgelu"
     assert preset("synthetic").clip.model == "vadclip-tiny"
+
+
+def test_binary_presets_are_the_ucf_official_hyper_parameters():
+    # docs/decisions.md: sht/ubnormal take the ucf official preset; only the dataset (and ubnormal's own
+    # validation split, so no held-out training videos) differ
+    ucf = flatten(preset("ucf"))
+    for name, differs in (("sht", {"data.dataset": "sht"}),
+                          ("ubnormal", {"data.dataset": "ubnormal", "data.val_fraction": 0.0})):
+        cfg = preset(name)
+        flat = flatten(cfg)
+        assert {k: v for k, v in flat.items() if ucf[k] != v} == {"preset": name, **differs}
+        assert cfg.style == name and cfg.selection_metric == "auc" and cfg.score_branch == "c"
+        assert cfg.objective_key == "val/auc" and cfg.clip.model == "ViT-B-16-quickgelu"
+        # the paper has no settings for them: `paper` = UCF-Crime's paper values on this dataset
+        ucf_paper = flatten(preset("ucf", "paper"))
+        flat_paper = flatten(preset(name, "paper"))
+        assert {k: v for k, v in flat_paper.items() if ucf_paper[k] != v} == {"preset": name, **differs}
+    assert set(choices("data.dataset")) == {"ucf", "xd", "sht", "ubnormal", "synthetic"}

@@ -1,6 +1,6 @@
 """Extraction over a Ray cluster (`vadclip.extract.cluster`) on a real local cluster: a head and two worker nodes
-(Ray's `ray.cluster_utils.Cluster`), tiny CLIP, small videos. Outputs equal the local extractor's bit for bit, and
-a worker node lost mid-run still yields every video exactly once."""
+(Ray's `ray.cluster_utils.Cluster`), tiny CLIP, small videos and a frame folder. Outputs equal the local extractor's
+bit for bit, and a worker node lost mid-run still yields every video exactly once."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tests.study.test_cluster_e2e import local_cluster, lose_node
-from tests.test_extract import corrupt_video, files_under, run, small_video
+from tests.test_extract import asym_frames, corrupt_video, files_under, run, small_video
+from tests.test_extract_frames import frame_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = {"Abuse/a1.mp4": 70, "Abuse/a2.mp4": 33, "Fighting/f1.mp4": 120, "Normal/n1.mp4": 17,
@@ -63,14 +64,17 @@ def test_cluster_outputs_equal_the_local_run_bit_for_bit(tmp_path: Path, cluster
     c, _, _ = cluster
     videos = videos_folder(tmp_path, LENGTHS)
     corrupt_video(videos / "Normal/broken.mp4")
+    frame_folder(videos / "Normal/frames01", asym_frames(40, width=64, height=48, seed=9),
+                 [f"{i + 1}.jpg" for i in range(40)])  # a frame folder (ShanghaiTech's test set), natural order
     local = local_run(videos, tmp_path / "local", crops=5, batch_size=16)
     remote = run(videos, tmp_path / "remote", crops=5, batch_size=16, address=c.address)
-    assert sorted(remote.extracted) == sorted(local.extracted) and len(local.extracted) == len(LENGTHS)
+    assert sorted(remote.extracted) == sorted(local.extracted) and len(local.extracted) == len(LENGTHS) + 1
+    assert "Normal/frames01" in remote.extracted
     assert remote.failed.keys() == local.failed.keys() == {"Normal/broken.mp4"}
     assert remote.frames == local.frames and remote.snippets == local.snippets
     assert_same_outputs(tmp_path / "local", tmp_path / "remote")
     again = run(videos, tmp_path / "remote", crops=5, batch_size=16, address=c.address)  # resumable
-    assert again.extracted == [] and len(again.skipped) == len(LENGTHS)
+    assert again.extracted == [] and len(again.skipped) == len(LENGTHS) + 1
 
 
 @pytest.mark.timeout(300)

@@ -17,7 +17,7 @@ from vadclip.data.conventions import list_files
 from vadclip.errors import Parser as Parser  # its home is vadclip.errors (the data layer's CLIs use it too)
 from vadclip.errors import VadClipError
 
-DATA_STYLES = ("ucf", "xd")  # real datasets, recognised by their official list file names
+DATA_STYLES = ("ucf", "xd", "sht", "ubnormal")  # real datasets, recognised by their official list file names
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class Override:
 
 def add_config_flags(parser: argparse.ArgumentParser, epochs_flag: str = "--epochs") -> None:
     """--dataset, --lists, --features, --clip-weights, the epochs flag and repeatable --set KEY=VALUE."""
-    parser.add_argument("--dataset", help="synthetic | ucf | xd (default: inferred from --lists, else the preset)")
+    parser.add_argument("--dataset", help="synthetic | ucf | xd | sht | ubnormal (default: inferred from --lists, "
+                                          "else the preset)")
     parser.add_argument("--lists", help="the authors' list/ folder (official file names)")
     parser.add_argument("--features", help="where the feature .npy files were unpacked")
     parser.add_argument("--clip-weights", help="local open_clip or OpenAI ViT-B/16 checkpoint")
@@ -92,9 +93,10 @@ def infer_dataset(dataset: str | None, lists: str | None) -> str | None:
     found = [style for style in DATA_STYLES if (folder / list_files(style)["train"]).is_file()]
     if len(found) == 1:
         return found[0]
-    expected = " or ".join(list_files(s)["train"] for s in DATA_STYLES)
-    what = "both" if found else "neither"
-    raise ConfigError(f"--lists {lists}: holds {what} of {expected}; pass --dataset ucf or --dataset xd")
+    expected = ", ".join(list_files(s)["train"] for s in DATA_STYLES)
+    what = f"{', '.join(list_files(s)['train'] for s in found)}" if found else "none"
+    raise ConfigError(f"--lists {lists}: holds {what} of {expected}, expected exactly one; pass --dataset "
+                      f"{' | '.join(DATA_STYLES)}")
 
 
 def as_dict(overrides: Sequence[Override]) -> dict[str, Any]:

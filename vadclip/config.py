@@ -1,8 +1,9 @@
 """One typed config for the trainer, the studies and MLflow params.
 
-Field defaults are the authors' code (nwpu-zxr/VadCLIP); presets (`ucf`, `xd`, `synthetic`) are
-data: dotted overrides on top of the defaults, each with an `official` (code) and a `paper` (paper
-text) variant. A study YAML overrides the same dotted names; MLflow params are `flatten(config)`.
+Field defaults are the authors' code (nwpu-zxr/VadCLIP); presets (`ucf`, `xd`, `sht`, `ubnormal`, `synthetic`)
+are data: dotted overrides on top of the defaults, each with an `official` (code) variant and, where the paper
+gives one, a `paper` (paper text) variant. A study YAML overrides the same dotted names; MLflow params are
+`flatten(config)`.
 """
 
 from __future__ import annotations
@@ -90,12 +91,13 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["ucf", "xd", "synthetic"] = "xd"
+    dataset: Literal["ucf", "xd", "sht", "ubnormal", "synthetic"] = "xd"
     lists: str | None = None  # the authors' list/ folder (official file names)
     features: str | None = None  # where the feature .npy files were unpacked
     cache_dir: str | None = None  # synthetic: where the generated layout is written
-    test_crop: str = "default"  # default (UCF 5, XD 0) | 0..9 | mean
-    val_fraction: float = 0.1  # training *videos* held out for model selection
+    test_crop: str = "default"  # default (UCF 5, XD 0, sht/ubnormal 0) | 0..9 | mean
+    # training *videos* held out for model selection; ubnormal: 0, it validates on its own validation list
+    val_fraction: float = 0.1
     in_memory: bool = True  # False = read every sample from disk each step (the authors' way)
     # in memory through a packed, memory-mapped cache built once per layout (vadclip.data.cache); False = read
     # every file at each load (the same float32 values). Unused when in_memory is False.
@@ -119,9 +121,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    score_branch: Literal["auto", "c", "a", "best"] = "auto"  # auto: UCF C-branch, XD A-branch
+    score_branch: Literal["auto", "c", "a", "best"] = "auto"  # auto: XD A-branch, the others C-branch
     selection: Literal["val", "test"] = "val"  # test = the authors' best-on-test protocol
-    selection_metric: Literal["auto", "auc", "ap"] = "auto"  # auto: UCF auc, XD ap
+    selection_metric: Literal["auto", "auc", "ap"] = "auto"  # auto: XD ap, the others (UCF, sht, ubnormal) auc
     # When to evaluate within an epoch (docs/deviations.md, "evaluation cadence"). `authors`: as ucf_train.py,
     # after 0-based iteration i of the epoch when i * samples per step % eval_every_samples == 0 and i > 0, and at
     # the epoch end only when the epoch had no such evaluation (xd_train.py: every epoch end). `steps`: after every
@@ -154,7 +156,7 @@ class VadClipConfig:
 
     @property
     def style(self) -> str:
-        """Label/class convention of the data: `ucf` or `xd`."""
+        """Label/class convention of the data: `ucf`, `xd`, `sht` or `ubnormal` (synthetic: its twin's)."""
         return self.data.synthetic.style if self.data.dataset == "synthetic" else self.data.dataset
 
     @property
@@ -163,18 +165,24 @@ class VadClipConfig:
             return self.eval.score_branch
         if self.model.branches != "c+a":
             return self.model.branches
-        return "c" if self.style == "ucf" else "a"
+        return "a" if self.style == "xd" else "c"  # sht/ubnormal: as UCF, whose preset they take
 
     @property
     def selection_metric(self) -> str:
         if self.eval.selection_metric != "auto":
             return self.eval.selection_metric
-        return "auc" if self.style == "ucf" else "ap"
+        return auto_metric(self.style)
 
     @property
     def objective_key(self) -> str:
         """The evaluation key a trial selects its checkpoint by (and a search optimises): `val/<m>` or `test/<m>`."""
         return f"{self.eval.selection}/{self.selection_metric}"
+
+
+def auto_metric(style: str) -> str:
+    """A dataset's headline metric (eval.selection_metric auto, a study's metric auto): XD-Violence AP, the
+    others (UCF-Crime, ShanghaiTech, UBnormal) frame AUC."""
+    return "ap" if style == "xd" else "auc"
 
 
 # ---------------------------------------------------------------- presets (data, not code)
@@ -214,6 +222,11 @@ _SYNTHETIC = {
     "portable_kernels": True,  # its tables are the same on every x86-64 machine (docs/reproducibility.md)
     "eval.cadence": "steps",  # no in-loop evaluation by default (as XD's); eval.eval_every_steps probes count steps
 }
+# ShanghaiTech (weak split) and UBnormal: the UCF official hyper-parameters (surveillance benchmarks like
+# UCF-Crime; no source gives VadCLIP's settings on them, docs/decisions.md). UBnormal trains on all its training
+# videos and validates on its own validation list (frame ground truth), so none are held out.
+_SHT = {**_UCF, "data.dataset": "sht"}
+_UBNORMAL = {**_UCF, "data.dataset": "ubnormal", "data.val_fraction": 0.0}
 # Paper text: hyper-parameters of Implementation Details plus every paper-text alternative.
 _PAPER_SWITCHES = {
     "model.local_layers": 1,
@@ -243,6 +256,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "paper": {**_XD, **_PAPER_SWITCHES, "optim.lr": 2e-5, "optim.epochs": 20,
                   "optim.batch_size": 64, "optim.milestones": (6, 12, 20)},
     },
+    # the paper has no sht/ubnormal settings: `paper` is its text's switches with UCF-Crime's paper values, as
+    # `official` is UCF-Crime's code values (docs/decisions.md)
+    "sht": {"official": _SHT, "paper": {**_SHT, **_PAPER_SWITCHES, "optim.lr": 1e-5, "optim.epochs": 10,
+                                        "optim.batch_size": 32}},
+    "ubnormal": {"official": _UBNORMAL, "paper": {**_UBNORMAL, **_PAPER_SWITCHES, "optim.lr": 1e-5,
+                                                  "optim.epochs": 10, "optim.batch_size": 32}},
     "synthetic": {
         "official": _SYNTHETIC,
         "paper": {**_SYNTHETIC, **_PAPER_SWITCHES},

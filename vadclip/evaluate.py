@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from vadclip.data import EvalSet, split_chunks
+from vadclip.data.conventions import has_detection_map
 from vadclip.metrics import detection_map, frame_metrics, video_metrics
 from vadclip.model import VadCLIP
 
@@ -81,8 +82,8 @@ def evaluate(model: VadCLIP, videos: EvalSet, class_codes: list[str], *, length:
              device: torch.device | str, score_branch: str, selection_metric: str,
              map_protocol: str = "official", topk_divisor: int = 16, batched: bool = True) -> Evaluation:
     """Metrics of both branches (`c_auc`, `a_ap`, ...), the chosen branch's without prefix, and the
-    fine-grained mAP of the A-branch. Sets without frame ground truth (validation) get
-    video-level AUC/AP of the mean top-k snippet score."""
+    fine-grained mAP of the A-branch (not for binary datasets: no classes). Sets without frame ground truth
+    (held-out training videos) get video-level AUC/AP of the mean top-k snippet score."""
     preds = predict(model, videos, length, device, batched=batched)
     metrics: dict[str, float] = {}
     for branch, scores in branch_scores(preds).items():
@@ -97,7 +98,7 @@ def evaluate(model: VadCLIP, videos: EvalSet, class_codes: list[str], *, length:
         chosen = max(available, key=lambda b: np.nan_to_num(metrics[f"{b}_{selection_metric}"], nan=-1))
     for key in [k for k in metrics if k.startswith(f"{chosen}_")]:
         metrics[key[2:]] = metrics[key]
-    if preds.class_probs is not None and videos.segments is not None:
+    if preds.class_probs is not None and videos.segments is not None and has_detection_map(class_codes):
         if videos.segment_labels is None:  # the test sets are built with both or neither
             raise ValueError("the evaluation set has gt segments but no segment labels")
         metrics.update(detection_map(preds.class_probs, videos.segments, videos.segment_labels,

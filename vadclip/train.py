@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from vadclip.cli import add_config_flags, as_dict, blame, flag_overrides, infer_dataset
 from vadclip.config import ConfigError, VadClipConfig, apply_overrides, flatten, preset
 from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dataset
+from vadclip.data.conventions import has_validation_split
 from vadclip.data.dataset import describe
 from vadclip.device import resolve_device
 from vadclip.errors import VadClipError
@@ -504,7 +505,8 @@ def fit_fused(cfgs: Sequence[VadClipConfig], data: VadDataset | None = None, *, 
 
 
 def check_selection(cfg: VadClipConfig) -> None:
-    if cfg.eval.selection == "val" and cfg.data.val_fraction <= 0:
+    # a dataset with its own validation split (ubnormal) needs no held-out training videos
+    if cfg.eval.selection == "val" and cfg.data.val_fraction <= 0 and not has_validation_split(cfg.style):
         raise ConfigError("eval.selection='val' needs data.val_fraction > 0 (or use selection 'test')")
 
 

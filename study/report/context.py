@@ -40,6 +40,8 @@ from vadclip.bootstrap import (
     load_test_scores,
     video_bootstrap,
 )
+from vadclip.config import auto_metric
+from vadclip.data.conventions import DATASET_NAMES
 from vadclip.errors import VadClipError
 from vadclip.metrics import CORE_METRICS as CORE
 from vadclip.metrics import MAP_LEVELS, mlflow_key
@@ -160,12 +162,13 @@ def tag(row: pd.Series | pd.DataFrame, key: str, default: str = "") -> str:
 
 
 def data_style(dataset: str, children: pd.DataFrame) -> str:
-    """ucf or xd; synthetic data carries its convention in the `data.synthetic.style` param."""
+    """The label convention: the dataset (ucf, xd, sht, ubnormal); synthetic data carries its convention in the
+    `data.synthetic.style` param; anything else reads as xd."""
     style = param_column("data.synthetic.style")
     if dataset == "synthetic" and style in children:
         styles = children[style].dropna().unique()
         return "ucf" if list(styles) == ["ucf"] else "xd"
-    return "ucf" if dataset == "ucf" else "xd"
+    return dataset if dataset in DATASET_NAMES else "xd"
 
 
 def final_metrics(runs: pd.DataFrame) -> list[str]:
@@ -204,5 +207,5 @@ def read_protocols(ctx: Context) -> pd.DataFrame:
     """The protocol frame of a report's FINISHED trials for the core metrics and mAP levels they logged."""
     present = {c[len(FINAL_COLUMN):] for c in ctx.finished.columns if c.startswith(FINAL_COLUMN)}
     metrics = [m for m in (*CORE, *map(mlflow_key, MAP_LEVELS)) if m in present]
-    default = "auc" if ctx.style == "ucf" else "ap"  # eval.selection_metric auto; runs tag their own
+    default = auto_metric(ctx.style)  # eval.selection_metric auto; runs tag their own
     return protocol_frame(tracking_client(ctx.uri), ctx.finished, default, metrics)

@@ -25,6 +25,7 @@ from study.record import (
 from study.report.context import Context, tag
 from study.report.render import date_text
 from study.tracking import sqlite_path
+from vadclip.data.conventions import DATASET_NAMES
 from vadclip.portable import KERNEL_TAGS
 
 Notes = dict[str, str]  # name -> text, in the order shown
@@ -32,6 +33,10 @@ Notes = dict[str, str]  # name -> text, in the order shown
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
 SYNTHETIC_NOTE = "Synthetic data: the paper's values are for the real dataset, shown for orientation only"
+REPORTED_ELSEWHERE = ("sht", "ubnormal")  # datasets the paper does not report; its results page quotes re-runs
+REPORTED_ELSEWHERE_NOTE = ("{dataset}: the paper reports no result on it; the (paper) column holds the value VadCLIP's "
+                           "results page quotes, a third-party re-run of unknown settings, most likely best-on-test "
+                           "(docs/real-data.md)")
 
 
 def protocol_notes(ctx: Context) -> Notes:
@@ -48,7 +53,11 @@ def protocol_notes(ctx: Context) -> Notes:
 
 
 def paper_note(ctx: Context) -> Notes:
-    return {"paper": SYNTHETIC_NOTE + "."} if ctx.dataset == "synthetic" else {}
+    if ctx.dataset == "synthetic":
+        return {"paper": SYNTHETIC_NOTE + "."}
+    if ctx.style in REPORTED_ELSEWHERE:
+        return {"paper": REPORTED_ELSEWHERE_NOTE.format(dataset=DATASET_NAMES[ctx.style]) + "."}
+    return {}
 
 
 def planned(parent: pd.Series, param: str, default: Any) -> str:

@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from vadclip.config import ConfigError
+
 
 class Bank(Protocol):
     """Ragged (T_i, d) float32 arrays by index: `FeatureBank` (in memory) or `DiskFeatureBank` (read at each
@@ -92,7 +94,8 @@ def epoch_batches(labels_or_is_normal: np.ndarray, batch_size: int, sampler: str
         abnormal = rng.permutation(np.flatnonzero(~is_normal))
         steps = min(len(normal), len(abnormal)) // batch_size
         if steps == 0:
-            raise ValueError(f"balanced sampler: {len(normal)} normal and {len(abnormal)} abnormal training "
+            # a ConfigError: the trial fails at once instead of being retried (study.trainable)
+            raise ConfigError(f"balanced sampler: {len(normal)} normal and {len(abnormal)} abnormal training "
                              f"samples give no full step of optim.batch_size={batch_size} per side")
         return [np.concatenate([normal[s * batch_size:(s + 1) * batch_size],
                                 abnormal[s * batch_size:(s + 1) * batch_size]]) for s in range(steps)]

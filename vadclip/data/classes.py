@@ -1,7 +1,8 @@
 """Label parsing of the two benchmarks' lists (class codes and prompts: `conventions`, index 0 = normal).
 
 UCF-Crime labels are class folder names (`Abuse`, ..., `Normal`); XD-Violence labels are codes
-joined by `-` and padded with `0` (`B1-0-0`, `B2-G-B6`, `G`, `A` = normal).
+joined by `-` and padded with `0` (`B1-0-0`, `B2-G-B6`, `G`, `A` = normal); the binary ShanghaiTech and
+UBnormal lists `Normal` / `Anomaly`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from vadclip.data.conventions import CLASS_CODES, XD_PAD, check_style
+from vadclip.data.conventions import CLASS_CODES, DATASET_NAMES, XD_PAD, check_style
 from vadclip.data.errors import DataError
 
 
@@ -23,6 +24,11 @@ def parse_label(style: str, label: str, where: str) -> tuple[int, ...]:
         if label not in codes:
             raise DataError(f"{where}: unknown UCF-Crime label {label!r}; expected a class folder name, "
                             f"one of {', '.join(codes)}")
+        return (codes.index(label),)
+    if style != "xd":  # binary: one code per video
+        if label not in codes:
+            raise DataError(f"{where}: unknown {DATASET_NAMES[style]} label {label!r}; expected one of "
+                            f"{', '.join(codes)}")
         return (codes.index(label),)
     parts = [p.strip() for p in label.split("-")]
     unknown = [p for p in parts if p not in codes and p != XD_PAD]

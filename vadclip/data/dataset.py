@@ -12,10 +12,10 @@ from vadclip.config import VadClipConfig
 from vadclip.data.banks import build_bank
 from vadclip.data.batching import Bank
 from vadclip.data.cache import open_banks
-from vadclip.data.conventions import CLASS_CODES, CLASS_PROMPTS, SNIPPET_FRAMES, list_files
+from vadclip.data.conventions import CLASS_CODES, CLASS_PROMPTS, SNIPPET_FRAMES, eval_files, has_validation_split
 from vadclip.data.errors import DataError
 from vadclip.data.layout import ground_truth_paths, read_ground_truth
-from vadclip.data.split import read_layout
+from vadclip.data.split import Layout, read_layout
 
 
 @dataclass
@@ -56,7 +56,8 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
     style, d, dim = cfg.style, cfg.data, cfg.model.embed_dim
     layout = read_layout(cfg)
     # the list folder whole before any feature is read: packing a real cache takes minutes
-    frame_gt, segments, segment_labels = read_ground_truth(layout.lists_dir, style)
+    splits = ("test", "val") if has_validation_split(style) else ("test",)
+    truth = {split: read_ground_truth(layout.lists_dir, style, split) for split in splits}
     banks: dict[str, Bank]
     if d.in_memory and d.feature_cache:
         banks = dict(open_banks(cfg, layout))
@@ -65,24 +66,33 @@ def load_dataset(cfg: VadClipConfig) -> VadDataset:
         banks = {part: build_bank(files, dim, pools[part], d.in_memory) for part, files in layout.files.items()}
 
     val = None
-    if layout.val_labels is not None:
+    if "val" in truth and layout.val_labels is not None:  # the release's own validation split, with frame labels
+        val = _with_truth(layout, style, "val", banks["val"], layout.val_names, layout.val_labels, truth["val"])
+    elif layout.val_labels is not None:
         val = EvalSet(names=layout.val_names, features=banks["val"], labels=layout.val_labels)
-    test_bank, names = banks["test"], list_files(style)
-    test_csv = layout.list_paths[1]
-    expected = SNIPPET_FRAMES * int(test_bank.lengths.sum())
-    if len(frame_gt) != expected:
-        gt_path = ground_truth_paths(layout.lists_dir, style)[0]
-        raise DataError(f"{gt_path}: {len(frame_gt)} frames, expected {expected} "
-                        f"({SNIPPET_FRAMES} per snippet of the {len(test_bank)} videos of {test_csv.name}, "
-                        f"in list order)")
-    if len(segments) != len(test_bank):
-        raise DataError(f"{layout.lists_dir / names['segments']}: {len(segments)} videos, expected {len(test_bank)} "
-                        f"(one entry per row of {test_csv.name}, in list order)")
-    test = EvalSet(names=layout.test_names, features=test_bank, labels=layout.test_labels,
-                   frame_gt=frame_gt, segments=segments, segment_labels=segment_labels)
+    test = _with_truth(layout, style, "test", banks["test"], layout.test_names, layout.test_labels, truth["test"])
     return VadDataset(style=style, class_prompts=list(CLASS_PROMPTS[style]), class_codes=list(CLASS_CODES[style]),
                       train=banks["train"], train_labels=layout.train_labels, train_video=layout.train_video,
                       val=val, test=test, feature_dim=dim, train_names=layout.train_names)
+
+
+def _with_truth(layout: Layout, style: str, split: str, bank: Bank, names: list[str], labels: np.ndarray,
+                truth: tuple[np.ndarray, list[list[tuple[int, int]]], list[list[str]]]) -> EvalSet:
+    """An evaluated split with its ground truth, checked to match its features: 16 frames per snippet."""
+    frame_gt, segments, segment_labels = truth
+    files = eval_files(style, split)
+    csv = layout.lists_dir / files["list"]
+    expected = SNIPPET_FRAMES * int(bank.lengths.sum())
+    if len(frame_gt) != expected:
+        gt_path = ground_truth_paths(layout.lists_dir, style, split)[0]
+        raise DataError(f"{gt_path}: {len(frame_gt)} frames, expected {expected} "
+                        f"({SNIPPET_FRAMES} per snippet of the {len(bank)} videos of {csv.name}, "
+                        f"in list order)")
+    if len(segments) != len(bank):
+        raise DataError(f"{layout.lists_dir / files['segments']}: {len(segments)} videos, expected {len(bank)} "
+                        f"(one entry per row of {csv.name}, in list order)")
+    return EvalSet(names=names, features=bank, labels=labels, frame_gt=frame_gt, segments=segments,
+                   segment_labels=segment_labels)
 
 
 def describe(data: VadDataset) -> str:

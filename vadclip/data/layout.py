@@ -20,6 +20,7 @@ from vadclip.data.conventions import (
     SNIPPET_FRAMES,
     check_style,
     crop_index,
+    eval_files,
     frame_gt_names,
     list_files,
     split_crop,
@@ -177,12 +178,13 @@ def _load_object(path: Path, what: str) -> np.ndarray:
         raise DataError(f"{path}: cannot read {what} ({e})") from e
 
 
-def ground_truth_paths(lists_dir: str | Path, style: str) -> tuple[Path, Path, Path]:
+def ground_truth_paths(lists_dir: str | Path, style: str, split: str = "test") -> tuple[Path, Path, Path]:
     """The frame-level, segment and segment-label ground truth files of `lists_dir` (the frame labels under the
-    first accepted name that exists, `conventions.frame_gt_names`); one DataError naming every missing one."""
+    first accepted name that exists, `conventions.frame_gt_names`); one DataError naming every missing one.
+    `split` "val": those of a style's own validation split (`conventions.eval_files`)."""
     check_style(style)
-    lists_dir, names = Path(lists_dir), list_files(style)
-    accepted = frame_gt_names(style)
+    lists_dir, names = Path(lists_dir), eval_files(style, split)
+    accepted = frame_gt_names(style, split)
     gt_path = next((lists_dir / n for n in accepted if (lists_dir / n).is_file()), lists_dir / accepted[0])
     seg_path, lab_path = lists_dir / names["segments"], lists_dir / names["segment_labels"]
     missing = [p.name for p in (gt_path, seg_path, lab_path) if not p.is_file()]
@@ -190,18 +192,18 @@ def ground_truth_paths(lists_dir: str | Path, style: str) -> tuple[Path, Path, P
         if accepted[0] in missing and len(accepted) > 1:
             missing[0] = f"{accepted[0]} (or {', '.join(accepted[1:])}, as the authors' make_gt_{style}.py names it)"
         raise DataError(f"{lists_dir}: ground truth {', '.join(missing)} not found; expected the authors' list "
-                        f"folder to hold the frame labels, segments and segment labels of the test list")
+                        f"folder to hold the frame labels, segments and segment labels of the {split} list")
     return gt_path, seg_path, lab_path
 
 
-def read_ground_truth(lists_dir: str | Path, style: str
+def read_ground_truth(lists_dir: str | Path, style: str, split: str = "test"
                       ) -> tuple[np.ndarray, list[list[tuple[int, int]]], list[list[str]]]:
     """(frame_gt float32 (16*sum T,), per-video [(start, end)] frame segments, per-video labels).
 
     Segment coordinates may be strings in the real files (copied from annotation text): each is
     converted with int(float(x)). Labels are UCF class folder names / XD codes, `A` for normal.
     """
-    gt_path, seg_path, lab_path = ground_truth_paths(lists_dir, style)
+    gt_path, seg_path, lab_path = ground_truth_paths(lists_dir, style, split)
     frame_gt = _load_object(gt_path, "frame-level ground truth")
     if frame_gt.dtype == object:
         raise DataError(f"{gt_path}: frame-level ground truth is an object array; expected a float 0/1 array")
@@ -242,8 +244,9 @@ Annotation = tuple[int, int, str]  # (start frame, end frame exclusive, class co
 
 
 def write_ground_truth(lists_dir: str | Path, style: str,
-                       videos: list[tuple[int, list[Annotation]]]) -> None:
-    """Write the three ground-truth files of the test list (official names) from annotations.
+                       videos: list[tuple[int, list[Annotation]]], split: str = "test") -> None:
+    """Write the three ground-truth files of the test list (official names) from annotations (`split` "val":
+    of a style's own validation list).
 
     `videos`: per test video, in the order of the test CSV, (T snippets, its anomalous segments);
     no segments = a normal video. As in the authors' files: 16*T frame labels per video, abnormal
@@ -274,7 +277,7 @@ def write_ground_truth(lists_dir: str | Path, style: str,
         else:
             segments.append([[0, len(gt)]])
             labels.append([GT_NORMAL])
-    names = list_files(style)
+    names = eval_files(style, split)
     lists_dir.mkdir(parents=True, exist_ok=True)
     np.save(lists_dir / names["frame_gt"], np.concatenate(frames) if frames else np.zeros(0, np.float32))
     for key, items in (("segments", segments), ("segment_labels", labels)):

@@ -11,7 +11,15 @@ import numpy as np
 
 from vadclip.config import VadClipConfig
 from vadclip.data.classes import multi_hot
-from vadclip.data.conventions import CLASS_CODES, DEFAULT_TEST_CROP, crop_file_name, list_files
+from vadclip.data.conventions import (
+    CLASS_CODES,
+    DATASET_NAMES,
+    DEFAULT_TEST_CROP,
+    crop_file_name,
+    eval_files,
+    has_validation_split,
+    list_files,
+)
 from vadclip.data.errors import DataError
 from vadclip.data.layout import ListRow, crop_files, read_list
 
@@ -69,6 +77,12 @@ def _group_videos(rows: list[ListRow], csv: Path) -> dict[str, list[int]]:
     return groups
 
 
+def _eval_rows(csv: Path, features_dir: Path, style: str) -> list[ListRow]:
+    """One row per video of an evaluated list (it holds one row per video, or every crop of it)."""
+    listed = read_list(csv, features_dir, style)
+    return [listed[idx[0]] for idx in _group_videos(listed, csv).values()]
+
+
 @dataclass
 class Layout:
     """What `load_dataset` reads from the lists before any feature value: the feature file(s) of each item
@@ -76,7 +90,7 @@ class Layout:
     held out, "val"; "train" items are pooled to `pool_length`, the others kept whole."""
     lists_dir: Path
     features_dir: Path
-    list_paths: list[Path]  # the train and test CSVs
+    list_paths: list[Path]  # the train and test CSVs (and the validation CSV of a style that has one)
     files: dict[str, list[tuple[str, ...]]]
     pool_length: int
     train_labels: np.ndarray
@@ -108,6 +122,10 @@ def read_layout(cfg: VadClipConfig) -> Layout:
     train_csv, test_csv = lists_dir / names["train"], lists_dir / names["test"]
     num_classes = len(CLASS_CODES[style])
 
+    own_val = has_validation_split(style)
+    if own_val and d.val_fraction > 0:  # one validation source: the release's own split, with frame ground truth
+        raise DataError(f"data.val_fraction={d.val_fraction}: {DATASET_NAMES[style]} validates on its own list "
+                        f"{eval_files(style, 'val')['list']}; set data.val_fraction=0 (train on every training video)")
     rows = read_list(train_csv, features_dir, style)
     groups = _group_videos(rows, train_csv)
     videos = list(groups)
@@ -117,12 +135,17 @@ def read_layout(cfg: VadClipConfig) -> Layout:
     train_rows = [r for r in rows if r.video in video_index]
     files: dict[str, list[tuple[str, ...]]] = {"train": [(str(r.path),) for r in train_rows]}
     val_rows = [rows[groups[v][0]] for v, h in zip(videos, held) if h]
-    if val_rows:
+    list_paths = [train_csv, test_csv]
+    if own_val:
+        val_csv = lists_dir / eval_files(style, "val")["list"]
+        val_rows = _eval_rows(val_csv, features_dir, style)
+        list_paths.append(val_csv)
+        files["val"] = [_eval_files(r, d.test_crop, style, val_csv) for r in val_rows]
+    elif val_rows:
         files["val"] = [_eval_files(r, d.test_crop, style, train_csv) for r in val_rows]
-    listed = read_list(test_csv, features_dir, style)  # one row per video, or every crop of it
-    test_rows = [listed[idx[0]] for idx in _group_videos(listed, test_csv).values()]
+    test_rows = _eval_rows(test_csv, features_dir, style)
     files["test"] = [_eval_files(r, d.test_crop, style, test_csv) for r in test_rows]
-    return Layout(lists_dir=lists_dir, features_dir=features_dir, list_paths=[train_csv, test_csv], files=files,
+    return Layout(lists_dir=lists_dir, features_dir=features_dir, list_paths=list_paths, files=files,
                   pool_length=cfg.model.visual_length,
                   train_labels=np.stack([multi_hot(r.classes, num_classes) for r in train_rows]),
                   train_video=np.array([video_index[r.video] for r in train_rows], dtype=np.int64),

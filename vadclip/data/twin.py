@@ -13,6 +13,20 @@ LISTS_DIR, FEATURES_DIR = "list", "features"
 UCF_FEATURES = "UCFClipFeatures"
 UCF_TRAIN_NORMAL, UCF_TEST_NORMAL = "Training_Normal_Videos_Anomaly", "Testing_Normal_Videos_Anomaly"
 XD_TRAIN, XD_TEST = "XDTrainClipFeatures", "XDTestClipFeatures"
+# sht/ubnormal have no released feature set: the twins put every video in one folder per dataset
+BINARY_FEATURES = {"sht": "SHTClipFeatures", "ubnormal": "UBnormalClipFeatures"}
+
+
+def binary_video_rel(style: str, abnormal: bool, number: int) -> str:
+    """A sht / ubnormal twin video's path under the features folder, without `__<crop>.npy`, in the dataset's
+    own name shape: ShanghaiTech `<scene>_<id>` (abnormal ids 4 digits, normal 3, as in Zhong et al.'s split),
+    UBnormal `<abnormal|normal>_scene_<N>_scenario_<k>`; `number` counts from 1 per kind and dataset."""
+    scene = (number - 1) % (13 if style == "sht" else 29) + 1  # 13 campus scenes; 29 UBnormal scenes
+    if style == "sht":
+        name = f"{scene:02d}_{number:04d}" if abnormal else f"{scene:02d}_{number:03d}"
+    else:
+        name = f"{'abnormal' if abnormal else 'normal'}_scene_{scene}_scenario_{number}"
+    return f"{BINARY_FEATURES[style]}/{name}"
 
 
 @dataclass

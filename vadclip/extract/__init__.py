@@ -9,9 +9,10 @@ snippet is kept and uses the frames it has. See docs/extraction.md for the choic
 One module per concern, each importing only those listed before it:
   errors, options   ExtractError / VideoError; the crop geometry and the options' choices and defaults
   preprocess        the authors' crops of a frame, open_clip's eval normalisation
-  video             decoding (PyAV): frames, 16-frame snippets, batches of crops, the decode thread
+  video             decoding (PyAV; a frame folder's images with PIL): frames, 16-frame snippets, batches of crops,
+                    the decode thread
   encode            CLIP's image tower over a video: (crops, T, D) per-snippet embeddings
-  jobs              the videos under VIDEOS and their labels
+  jobs              the videos under VIDEOS (video files and frame folders) and their labels
   write             the `.npy` files, the list CSV, the manifest a resumed run must match
   summary           what a run did, its progress bars, one video's outcome recorded
   cluster           the same encoding on Ray actors (`--address`): the one module of `vadclip` that imports Ray
@@ -24,7 +25,18 @@ from vadclip.extract.api import extract_videos
 from vadclip.extract.cli import build_parser, main
 from vadclip.extract.encode import RANDOM_WEIGHTS_SEED, encode_video, load_clip
 from vadclip.extract.errors import ExtractError, VideoError
-from vadclip.extract.jobs import VIDEO_EXTS, VideoJob, find_videos, make_jobs, read_label_file, video_key
+from vadclip.extract.jobs import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    VideoJob,
+    find_videos,
+    frame_sort_key,
+    is_frame_folder,
+    list_frames,
+    make_jobs,
+    read_label_file,
+    video_key,
+)
 from vadclip.extract.options import (
     CROP_CHOICES,
     CROP_SIZE,
@@ -40,9 +52,11 @@ from vadclip.extract.preprocess import Preprocess, clip_eval_transform, crop_box
 from vadclip.extract.summary import ExtractSummary, progress_bars, record_video
 from vadclip.extract.video import (
     DECODE_ERRORS,
+    FrameFolder,
     advertised_frames,
     frame_to_rgb,
     iter_frames,
+    iter_image_frames,
     prefetch,
     short_by_too_much,
     snippet_frames,
@@ -61,10 +75,11 @@ from vadclip.extract.write import (
 
 __all__ = [
     "CROP_CHOICES", "CROP_SIZE", "DECODE_ERRORS", "DEFAULT_BATCH_SIZE", "DEFAULT_CLIP_MODEL", "DEFAULT_CROPS",
-    "DEFAULT_LIST_NAME", "DEFAULT_SNIPPET", "MANIFEST_NAME", "NORMAL_LABELS", "RANDOM_WEIGHTS_SEED", "RESIZE_WH",
-    "SNIPPET_CHOICES", "VIDEO_EXTS", "ExtractError", "ExtractSummary", "Preprocess", "VideoError", "VideoJob",
-    "advertised_frames", "build_parser", "check_manifest", "clip_eval_transform", "crop_boxes", "crop_frames",
-    "crop_stack", "encode_video", "extract_videos", "find_videos", "frame_to_rgb", "is_complete", "iter_frames",
+    "DEFAULT_LIST_NAME", "DEFAULT_SNIPPET", "IMAGE_EXTS", "MANIFEST_NAME", "NORMAL_LABELS", "RANDOM_WEIGHTS_SEED",
+    "RESIZE_WH", "SNIPPET_CHOICES", "VIDEO_EXTS", "ExtractError", "ExtractSummary", "FrameFolder", "Preprocess",
+    "VideoError", "VideoJob", "advertised_frames", "build_parser", "check_manifest", "clip_eval_transform",
+    "crop_boxes", "crop_frames", "crop_stack", "encode_video", "extract_videos", "find_videos", "frame_sort_key",
+    "frame_to_rgb", "is_complete", "is_frame_folder", "iter_frames", "iter_image_frames", "list_frames",
     "load_clip", "main", "make_jobs", "prefetch", "progress_bars", "read_label_file", "record_video",
     "remove_stray_temps", "save_npy_atomic", "short_by_too_much", "snippet_frames", "snippets", "video_key",
     "write_features", "write_list",

@@ -55,11 +55,14 @@ def extract_videos(videos_dir: str | Path, out_dir: str | Path, *, crops: int = 
                    workers: int | None = None, cpus_per_worker: float = 1,
                    gpus_per_worker: float = 0) -> ExtractSummary:
     """Extract CLIP features of every video under `videos_dir` into `out_dir` (layout in the module doc).
+    A video is a video file, or a frame folder: a folder holding images (.jpg .jpeg .png .bmp) and no videos or
+    subfolders, its frames in natural name order, named after the folder (`vadclip.extract.jobs`).
 
     Resumable: videos whose crops are all present are skipped (unless `overwrite`). A video that cannot
-    be decoded, or decodes well short of its advertised frame count, is recorded in `summary.failed` and
-    gets no features. Bad input raises ExtractError. `address` (`local`, `auto`, HOST:PORT): encode on Ray
-    workers instead of this process (`vadclip.extract.cluster`), with the same outputs.
+    be decoded, or decodes well short of its advertised frame count, or a frame folder with an unreadable image
+    or one of another size than its first, is recorded in `summary.failed` and gets no features. Bad input
+    raises ExtractError. `address` (`local`, `auto`, HOST:PORT): encode on Ray workers instead of this process
+    (`vadclip.extract.cluster`), with the same outputs.
     """
     videos_dir, out_dir = Path(videos_dir).absolute(), Path(out_dir).absolute()  # absolute paths in the list
     _validate(crops, snippet, batch_size, clip_model)
@@ -77,8 +80,10 @@ def extract_videos(videos_dir: str | Path, out_dir: str | Path, *, crops: int = 
     todo = [j for j in jobs if overwrite or not is_complete(j, out_dir, crops)]
     todo_rels = {j.rel for j in todo}
     summary.skipped = [j.rel for j in jobs if j.rel not in todo_rels]
-    log.info("%d videos: %d to extract, %d complete (skipped); CLIP %s on %s, %d crops, snippet %s",
-             len(jobs), len(todo), len(summary.skipped), clip_model, address or torch_device, crops, snippet)
+    folders = sum(1 for j in jobs if j.frames)
+    log.info("%d videos%s: %d to extract, %d complete (skipped); CLIP %s on %s, %d crops, snippet %s",
+             len(jobs), f" ({folders} of them frame folders)" if folders else "", len(todo), len(summary.skipped),
+             clip_model, address or torch_device, crops, snippet)
     if todo and address:
         from vadclip.extract.cluster import Settings, run_on_cluster  # Ray is imported for cluster runs only
 
@@ -112,7 +117,7 @@ def _run_jobs(todo: Sequence[VideoJob], out_dir: Path, model: nn.Module, preproc
             videos_bar.set_postfix_str(job.rel, refresh=False)
             feats, error = None, None
             try:
-                feats = encode_video(job.path, model, preprocess, crops=crops, snippet=snippet,
+                feats = encode_video(job.source, model, preprocess, crops=crops, snippet=snippet,
                                      batch_size=batch_size, on_frames=on_frames)
             except VideoError as exc:
                 error = str(exc)

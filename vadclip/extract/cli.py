@@ -21,12 +21,14 @@ from vadclip.extract.options import (
 )
 
 DESCRIPTION = ("Frozen-CLIP feature extraction: videos → one `(T, D)` float32 `.npy` per video and crop, "
-               "plus the list CSV.")
+               "plus the list CSV. A folder of images (.jpg .jpeg .png .bmp, no videos or subfolders in it) is "
+               "one video of those frames, in natural name order (2.jpg before 10.jpg), named after the folder.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m vadclip.extract", description=DESCRIPTION)
-    p.add_argument("videos", metavar="VIDEOS", help="folder of videos (recursive); class folders give labels")
+    p.add_argument("videos", metavar="VIDEOS", help="folder of videos and/or frame folders (recursive); class "
+                                                    "folders give labels")
     p.add_argument("out", metavar="OUT", help="output folder: OUT/<label>/<video>__<k>.npy and the list CSV")
     p.add_argument("--crops", type=int, choices=CROP_CHOICES, default=DEFAULT_CROPS,
                    help="10: centre, 4 corners and their flips; 5: no flips; 1: centre (default %(default)s)")

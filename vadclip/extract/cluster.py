@@ -2,13 +2,14 @@
 
 The same outputs as a local run (`vadclip.extract.extract_videos`): the same `.npy` per (video, crop) and the same
 list CSV. Workers read VIDEOS at the same path on every node (the cluster's synced data folder, or a shared file
-system) and send each video's features back through Ray's object store; the driver writes them into OUT, so OUT
+system; a frame folder's job carries the frame names the driver listed, so every worker reads the same frames in
+the same order) and send each video's features back through Ray's object store; the driver writes them into OUT, so OUT
 needs to exist on the driver's machine only (docs/extraction.md: from videos in S3 to features in S3).
 
 - One worker = one Ray actor holding one CLIP image tower, built once (`--workers`, default: as many as the
   cluster's CPUs, or GPUs with `--gpus-per-worker`, allow; fractional GPUs share a device).
-- Videos are handed out one at a time to whichever worker is free, largest file first (long videos last
-  would leave one worker busy at the end).
+- Videos are handed out one at a time to whichever worker is free, largest first in bytes (the file, or a frame
+  folder's images; long videos last would leave one worker busy at the end).
 - A worker lost mid-video (node down, process killed) never leaves a half-written video: only the driver
   writes, a whole video at a time (each file atomic; a video counts only once all its crops exist). The video
   goes back to the queue and a new worker replaces the lost one; a video that has lost `MAX_ATTEMPTS` workers
@@ -78,7 +79,7 @@ class ExtractWorker:
             frames += n
 
         try:
-            feats = encode_video(job.path, self.model, self.preprocess, crops=s.crops, snippet=s.snippet,
+            feats = encode_video(job.source, self.model, self.preprocess, crops=s.crops, snippet=s.snippet,
                                  batch_size=s.batch_size, on_frames=on_frames)
         except VideoError as exc:
             return frames, None, str(exc)
@@ -122,7 +123,7 @@ def run_on_cluster(todo: Sequence[VideoJob], out_dir: Path, settings: Settings, 
     start_ray(address)
     n = worker_count(workers, cpus_per_worker, gpus_per_worker, len(todo))
     actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(ExtractWorker)
-    queue = deque(sorted(todo, key=lambda j: j.path.stat().st_size, reverse=True))  # largest first
+    queue = deque(sorted(todo, key=lambda j: j.size(), reverse=True))  # largest first (bytes)
     attempts: dict[str, int] = {}
     idle: list[Any] = [actor.remote(settings) for _ in range(n)]
     running: dict[Any, tuple[Any, VideoJob]] = {}

@@ -1,4 +1,5 @@
-"""Encoding: CLIP's image tower over a video's batches of crops, one raw embedding per snippet and crop."""
+"""Encoding: CLIP's image tower over a video's batches of crops, one raw embedding per snippet and crop (a video
+file or a frame folder alike)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from vadclip.extract.errors import VideoError
 from vadclip.extract.preprocess import Preprocess
-from vadclip.extract.video import DecodeStats, crop_batches, prefetch
+from vadclip.extract.video import DecodeStats, FrameFolder, crop_batches, prefetch
 from vadclip.model.clip import create_clip
 
 RANDOM_WEIGHTS_SEED = 0  # random-weight runs are reproducible, so a resumed run matches the first one
@@ -46,10 +47,11 @@ class _SnippetMeans:
 
 
 @torch.inference_mode()
-def encode_video(path: Path, model: open_clip.CLIP, preprocess: Preprocess, *, crops: int, snippet: str,
-                 batch_size: int, on_frames: Callable[[int], None] | None = None) -> np.ndarray:
+def encode_video(path: Path | FrameFolder, model: open_clip.CLIP, preprocess: Preprocess, *, crops: int,
+                 snippet: str, batch_size: int, on_frames: Callable[[int], None] | None = None) -> np.ndarray:
     """`(crops, T, D)` float32: raw `encode_image` output (never L2-normalised, as the authors'), one row
-    per snippet, `mean` over its frames or its `middle` frame."""
+    per snippet, `mean` over its frames or its `middle` frame. `path`: a video file, or a frame folder
+    (`VideoJob.source` gives either)."""
     stats = DecodeStats()
     acc = _SnippetMeans(crops)
     for batch in prefetch(crop_batches(path, crops, snippet, batch_size, stats)):

@@ -1,5 +1,5 @@
-"""Decoding: a video file's frames (PyAV), grouped into 16-frame snippets, the picked frames cropped and batched,
-decoded in a background thread ahead of the encoder."""
+"""Decoding: a video's frames (a video file through PyAV, or a folder of frame images through PIL), grouped into
+16-frame snippets, the picked frames cropped and batched, decoded in a background thread ahead of the encoder."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
+from PIL import Image
 
 from vadclip.data.conventions import SNIPPET_FRAMES
 from vadclip.extract.errors import ExtractError, VideoError
@@ -24,6 +25,18 @@ T = TypeVar("T")
 # What PyAV raises for unreadable, corrupt or truncated input (InvalidDataError is a ValueError). Only
 # decoding is guarded, so a bug in the encoding side still stops the run instead of failing every video.
 DECODE_ERRORS = (av.FFmpegError, OSError, ValueError)
+# What PIL raises for a missing, unreadable, corrupt or truncated image (UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class FrameFolder:
+    """A video stored as a folder of images, one per frame: frame i is `path / names[i]`. The names are listed
+    once, where the jobs are made (`vadclip.extract.jobs.list_frames`, natural order), and travel with the job,
+    so a cluster worker reads exactly those frames, in that order, at the same path."""
+
+    path: Path
+    names: tuple[str, ...]
 
 
 def advertised_frames(container: av.container.InputContainer, stream: av.VideoStream) -> int | None:
@@ -45,7 +58,14 @@ def short_by_too_much(decoded: int, advertised: int) -> bool:
     return advertised - decoded > max(SNIPPET_FRAMES, advertised // 50)
 
 
-def iter_frames(path: Path) -> Iterator[av.VideoFrame]:
+def iter_frames(source: Path | FrameFolder) -> Iterator[av.VideoFrame]:
+    """Decoded frames of a video file's first video stream, or of a frame folder's images in order."""
+    if isinstance(source, FrameFolder):
+        return iter_image_frames(source)
+    return _iter_video_frames(source)
+
+
+def _iter_video_frames(path: Path) -> Iterator[av.VideoFrame]:
     """Decoded frames of the first video stream (FFmpeg threads on). A file that ends well before the
     frame count its header advertises (a truncated copy: FFmpeg just stops) raises VideoError at the end."""
     with av.open(str(path)) as container:
@@ -61,6 +81,26 @@ def iter_frames(path: Path) -> Iterator[av.VideoFrame]:
         if advertised is not None and short_by_too_much(decoded, advertised):
             raise VideoError(f"decoded {decoded} of {advertised} frames the container advertises; the file "
                              f"ends early (truncated or damaged copy?)")
+
+
+def iter_image_frames(folder: FrameFolder) -> Iterator[av.VideoFrame]:
+    """A frame folder's images (PIL, converted to RGB) as rgb24 frames, so that from here on they take the same
+    path as a decoded video's frames (`frame_to_rgb`: FFmpeg's bilinear resize; swscale gives the same pixels
+    from any RGB layout, so a lossless video of the same frames gives the same features). An image PIL cannot
+    read, or one whose size differs from the first frame's, raises VideoError naming it."""
+    first: tuple[str, tuple[int, int]] | None = None
+    for name in folder.names:
+        try:
+            with Image.open(folder.path / name) as image:
+                size = image.size
+                if first is not None and size != first[1]:
+                    raise VideoError(f"frame {name} is {size[0]}x{size[1]} pixels, expected {first[1][0]}x"
+                                     f"{first[1][1]} like the folder's first frame {first[0]}")
+                rgb = np.asarray(image.convert("RGB"))
+        except IMAGE_ERRORS as exc:
+            raise VideoError(f"frame {name} is not a readable image ({type(exc).__name__}: {exc})") from exc
+        first = first or (name, size)
+        yield av.VideoFrame.from_ndarray(rgb, format="rgb24")
 
 
 def frame_to_rgb(frame: av.VideoFrame, reformatter: VideoReformatter | None = None) -> np.ndarray:
@@ -105,7 +145,8 @@ class DecodeStats:
     snippets: int = 0
 
 
-def crop_batches(path: Path, n_crops: int, mode: str, batch_size: int, stats: DecodeStats) -> Iterator[CropBatch]:
+def crop_batches(source: Path | FrameFolder, n_crops: int, mode: str, batch_size: int,
+                 stats: DecodeStats) -> Iterator[CropBatch]:
     """Decode, pick, crop; emit whole frames (all their crops) in batches of about `batch_size` images."""
     per_batch = max(1, batch_size // n_crops)
     crops: list[np.ndarray] = []
@@ -127,7 +168,7 @@ def crop_batches(path: Path, n_crops: int, mode: str, batch_size: int, stats: De
         except DECODE_ERRORS as exc:
             raise VideoError(f"{type(exc).__name__}: {exc}") from exc
 
-    for idx, snippet in enumerate(snippets(counted(iter_frames(path)))):
+    for idx, snippet in enumerate(snippets(counted(iter_frames(source)))):
         stats.snippets = idx + 1
         for frame in snippet_frames(snippet, mode):  # only picked frames are converted to RGB
             try:

@@ -24,7 +24,7 @@ RANDOM_WEIGHTS_WARNING = (
     "!! No CLIP weights given (--clip-weights PATH): CLIP {model} has RANDOM weights.\n"
     "!! The text encoder then carries no language prior, so A-branch numbers are\n"
     "!! meaningless for real data. Pass a local OpenAI ViT-B/16 checkpoint\n"
-    "!! (with clip.model ViT-B-16-quickgelu, the default of the ucf and xd presets).\n"
+    "!! (with clip.model ViT-B-16-quickgelu, the default of the real-data presets).\n"
     + "!" * 78
 )
 
