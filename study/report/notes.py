@@ -14,6 +14,7 @@ import pandas as pd
 
 from study.record import (
     CODE_VERSION,
+    FINAL_COLUMN,
     MAP_PROTOCOL,
     SCORE_BRANCH,
     SELECTION,
@@ -42,10 +43,12 @@ REPORTED_ELSEWHERE_NOTE = ("{dataset}: the paper reports no result on it; the (p
 def protocol_notes(ctx: Context) -> Notes:
     """Dataset and model selection, AP and mAP definitions, the score branch (when known)."""
     selection = _describe(ctx, SELECTION, "eval.selection")
-    protocol = _describe(ctx, MAP_PROTOCOL, "eval.map_protocol",
-                         lambda p: f"{p} ({MAP_NOTES.get(p, 'unknown protocol')})")
     notes = {"dataset": f"Dataset: {ctx.dataset} ({ctx.style}-style labels); model selection on {selection}; the "
-             "selected checkpoint re-evaluated on test.", "ap": AP_NOTE + ".", "map": f"mAP protocol: {protocol}."}
+             "selected checkpoint re-evaluated on test.", "ap": AP_NOTE + "."}
+    if any(c.startswith(f"{FINAL_COLUMN}map") for c in ctx.children):  # binary data (sht, ubnormal) has no mAP
+        protocol = _describe(ctx, MAP_PROTOCOL, "eval.map_protocol",
+                             lambda p: f"{p} ({MAP_NOTES.get(p, 'unknown protocol')})")
+        notes["map"] = f"mAP protocol: {protocol}."
     branch = _describe(ctx, SCORE_BRANCH)
     if branch != "unknown":
         notes["branch"] = f"Scores from branch: {branch}."
