@@ -92,15 +92,20 @@ def objective_key(selection: str, metric: str) -> str:
     return f"{selection}/{metric}"
 
 
+def _final_split(selection: str) -> str:
+    """Where a trial's end logs the metrics of the split it selects on: `final/val/` (val) or `final/` (test)."""
+    return f"{FINAL}{VAL}" if selection == "val" else FINAL
+
+
 def final_objective_key(selection: str, metric: str) -> str:
     """The objective of the selected checkpoint as logged at a trial's end: `final/val/<m>` or `final/<m>`."""
-    return f"{FINAL}{VAL}{metric}" if selection == "val" else f"{FINAL}{metric}"
+    return f"{_final_split(selection)}{metric}"
 
 
 def objective_metrics(metrics: Mapping[str, float], selection: str) -> dict[str, float]:
     """A finished run's final metrics of the split it was selected on, keyed as its trial reported them to Tune
     (`final/val/ap` -> `val/ap` under selection=val; `final/ap` -> `test/ap` under selection=test)."""
-    prefix = f"{FINAL}{VAL}" if selection == "val" else FINAL
+    prefix = _final_split(selection)
     return {mlflow_key(f"{selection}/{k[len(prefix):]}"): v for k, v in metrics.items()
             if k.startswith(prefix) and "/" not in k[len(prefix):]}
 

@@ -15,6 +15,7 @@ import pandas as pd
 from study.record import (
     CODE_VERSION,
     FINAL_COLUMN,
+    KERNEL_TAGS,
     MAP_PROTOCOL,
     SCORE_BRANCH,
     SELECTION,
@@ -25,16 +26,16 @@ from study.record import (
 )
 from study.report.context import Context, tag
 from study.report.render import date_text
+from study.spec import PAPER_DATASETS
 from study.tracking import sqlite_path
 from vadclip.data.conventions import DATASET_NAMES
-from vadclip.portable import KERNEL_TAGS
 
 Notes = dict[str, str]  # name -> text, in the order shown
 
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
 SYNTHETIC_NOTE = "Synthetic data: the paper's values are for the real dataset, shown for orientation only"
-REPORTED_ELSEWHERE = ("sht", "ubnormal")  # datasets the paper does not report; its results page quotes re-runs
+# a dataset the paper does not report (not in study.spec.PAPER_DATASETS): its results page quotes re-runs
 REPORTED_ELSEWHERE_NOTE = ("{dataset}: the paper reports no result on it; the (paper) column holds the value VadCLIP's "
                            "results page quotes, a third-party re-run of unknown settings, most likely best-on-test "
                            "(docs/real-data.md)")
@@ -58,7 +59,7 @@ def protocol_notes(ctx: Context) -> Notes:
 def paper_note(ctx: Context) -> Notes:
     if ctx.dataset == "synthetic":
         return {"paper": SYNTHETIC_NOTE + "."}
-    if ctx.style in REPORTED_ELSEWHERE:
+    if ctx.style in DATASET_NAMES and ctx.style not in PAPER_DATASETS:
         return {"paper": REPORTED_ELSEWHERE_NOTE.format(dataset=DATASET_NAMES[ctx.style]) + "."}
     return {}
 
