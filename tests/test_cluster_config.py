@@ -18,6 +18,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
+LAB_YAML = ROOT / "cluster-lab.yaml"
+NODE_SH = ROOT / "cluster" / "node.sh"
 DOC = ROOT / "docs" / "cluster.md"
 COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                 "head_start_ray_commands", "worker_start_ray_commands")
@@ -40,8 +42,36 @@ def ray_validate(config: dict) -> None:
     validate_config(prepare_config(copy.deepcopy(config)))
 
 
+def node_env(config: dict) -> dict[str, str]:
+    """The settings the config's first setup command writes to ~/.vadclip_env for cluster/node.sh."""
+    line = next(c for c in config["setup_commands"] if "~/.vadclip_env" in c and "printf" in c)
+    return dict(re.findall(r"'export (\w+)=(\"[^\"]*\"|[^']*)'", line))
+
+
+def node_step(step: str, env: dict[str, str]) -> str:
+    """What `bash cluster/node.sh STEP` runs, rendered with the config's settings: the script's preamble (its
+    functions) and the step's `case` branch, each $VADCLIP_* / $PORT / $PROJECT replaced by its value."""
+    text = NODE_SH.read_text()
+    preamble, branches = text.split('case "${1:-}" in', 1)
+    branch = re.search(rf"^{re.escape(step)}\)\n(.*?)^  ;;", branches, re.MULTILINE | re.DOTALL)
+    assert branch, f"cluster/node.sh has no step {step!r}"
+    values = {**{k: v.strip('"') for k, v in env.items()}, "PROJECT": "~/vadclip-studies",
+              "PORT": env.get("VADCLIP_MLFLOW_PORT", "5000")}
+    rendered = "\n".join(f"export {k}={v}" for k, v in env.items()) + "\n" + preamble + branch.group(1)
+    for key, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
+        rendered = re.sub(rf'"?\$\{{?{key}(:-[^}}]*)?\}}?"?', value, rendered)
+    return rendered
+
+
 def commands(config: dict, *keys: str) -> list[str]:
-    return [c for key in (keys or COMMAND_KEYS) for c in config.get(key) or []]
+    """The config's commands, a `bash ~/vadclip-studies/cluster/node.sh STEP` rendered as what it runs."""
+    env = node_env(config)
+    out = []
+    for key in keys or COMMAND_KEYS:
+        for command in config.get(key) or []:
+            step = re.fullmatch(r"bash ~/vadclip-studies/cluster/node\.sh ([\w-]+)", command.strip())
+            out.append(node_step(step.group(1), env) if step else command)
+    return out
 
 
 def worker_types(config: dict) -> dict[str, dict]:
@@ -51,7 +81,8 @@ def worker_types(config: dict) -> dict[str, dict]:
 def mlflow_server_command(config: dict) -> str:
     found = [c for c in commands(config) if "mlflow server" in c]
     assert len(found) == 1, f"expected one `mlflow server` command, got {found}"
-    return found[0]
+    joined = found[0].replace("\\\n", " ")  # a rendered node.sh step: its continued lines as one
+    return next(line for line in joined.splitlines() if "mlflow server" in line)
 
 
 def option(command: str, name: str) -> str | None:
@@ -125,7 +156,8 @@ def test_features_reach_every_node(prepared):
 
 def test_mlflow_server_binds_loopback_with_sqlite_and_s3_artifacts(raw):
     server = mlflow_server_command(raw)
-    assert server in commands(raw, "head_setup_commands", "head_start_ray_commands"), "MLflow runs on the head"
+    head = "".join(commands(raw, "head_setup_commands", "head_start_ray_commands")).replace("\\\n", " ")
+    assert server in head, "MLflow runs on the head"
     assert option(server, "--host") in ("127.0.0.1", "localhost"), server
     assert (option(server, "--backend-store-uri") or "").startswith("sqlite:///"), server
     artifacts = option(server, "--artifacts-destination") or option(server, "--default-artifact-root") or ""
@@ -175,9 +207,40 @@ def test_region_is_the_same_everywhere(raw):
 
 
 def test_every_command_is_valid_bash(raw):
-    for command in commands(raw):
+    for command in [c for key in COMMAND_KEYS for c in raw.get(key) or []] + [NODE_SH.read_text()]:
         result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True, timeout=10)
         assert result.returncode == 0, f"{command}\n{result.stderr}"
+
+
+# --- cluster-lab.yaml: the same node steps, on machines over SSH ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab() -> dict:
+    return yaml.safe_load(LAB_YAML.read_text())
+
+
+def test_ray_schema_accepts_the_lab_yaml(lab):
+    ray_validate(lab)
+    assert lab["provider"]["type"] == "local"
+
+
+def test_lab_and_aws_share_the_node_steps(raw, lab):
+    for key in ("head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert raw[key] == lab[key], key
+    assert [c for c in raw["setup_commands"] if "node.sh" in c] == [c for c in lab["setup_commands"] if "node.sh" in c]
+    assert set(node_env(raw)) >= set(node_env(lab)) - {"RAY_enable_autoscaler_v2"}, "a setting only the lab sets"
+    assert node_env(lab)["RAY_enable_autoscaler_v2"] == "0", "autoscaler v2 does not launch on-premise workers"
+
+
+def test_lab_placeholders_and_no_secrets(lab):
+    text = LAB_YAML.read_text()
+    for placeholder in ("REPLACE-HEAD-ADDRESS", "REPLACE-WORKER-ADDRESS-1", "YOUR-USER", "~/.ssh/YOUR-KEY"):
+        assert placeholder in text, placeholder
+    assert not re.search(r"PRIVATE KEY-----", text)
+    server = mlflow_server_command(lab)
+    assert option(server, "--host") == "127.0.0.1" and "-L 127.0.0.1:5000:127.0.0.1:5000" in "".join(
+        commands(lab, "worker_start_ray_commands"))
 
 
 # --- docs/cluster.md stays true to the code --------------------------------------------------------------------
@@ -185,15 +248,17 @@ def test_every_command_is_valid_bash(raw):
 
 def test_doc_study_run_flags_exist():
     from study.run import build_parser
+    from study.slurm import build_parser as slurm_parser
 
-    known = {s for a in build_parser()._actions for s in a.option_strings}
+    known = {s for p in (build_parser(), slurm_parser()) for a in p._actions for s in a.option_strings}
+    known |= {"--requeue", "--signal", "--exclusive"}  # sbatch's own, named where the Slurm job is explained
     text = DOC.read_text().replace("\\\n", " ")
-    # what follows `python -m study.run` up to the end of its shell word list (a closing quote or backtick)
-    invocations = [m.group(1) for m in re.finditer(r"python -m study\.run([^'`\n]*)", text)]
+    # what follows `python -m study.run|slurm` up to the end of its shell word list (a closing quote or backtick)
+    invocations = [m.group(1) for m in re.finditer(r"python -m study\.(?:run|slurm)([^'`\n]*)", text)]
     invocations += re.findall(r"`(--[^`]*)`", text)  # flags named in the prose are study.run's too
     used = {flag for args in invocations for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", args)}
     assert "--resume" in used and "--address" in used, "docs/cluster.md shows no full `python -m study.run` command"
-    assert used <= known, f"flags in docs/cluster.md that study.run does not have: {sorted(used - known)}"
+    assert used <= known, f"flags in docs/cluster.md that study.run/slurm do not have: {sorted(used - known)}"
 
 
 def test_doc_fractional_gpu_resources_parse():
