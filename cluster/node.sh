@@ -7,6 +7,7 @@
 #   VADCLIP_PIP       extra requirements installed with the project (the launcher's Ray extras)
 #   VADCLIP_MLFLOW_ARTIFACTS   where the head's MLflow server keeps artifacts (S3 URI or a head-local folder)
 #   VADCLIP_MLFLOW_PORT        the MLflow server's port on the head's 127.0.0.1 (every node reaches it there)
+#   VADCLIP_MLFLOW_WORKERS     its worker processes (trials log to it concurrently)
 #   VADCLIP_TUNNEL_USER        the head's SSH user for the workers' MLflow tunnel
 #   VADCLIP_RAY_ARGS  extra `ray start` arguments for this node type (e.g. fixed ports for a firewall)
 #   RAY_AUTH_MODE     token: every node shares ~/.ray/auth_token
@@ -62,7 +63,8 @@ start-head)
   # there), artifacts proxied, loopback only.
   curl -sf "http://127.0.0.1:$PORT/health" > /dev/null \
     || while_ray_runs ~/mlflow/server.log mlflow server --host 127.0.0.1 --port "$PORT" \
-         --backend-store-uri "sqlite:///$HOME/mlflow/mlflow.db" --artifacts-destination "$VADCLIP_MLFLOW_ARTIFACTS"
+         --backend-store-uri "sqlite:///$HOME/mlflow/mlflow.db" --artifacts-destination "$VADCLIP_MLFLOW_ARTIFACTS" \
+         --workers "${VADCLIP_MLFLOW_WORKERS:-4}"
   wait_for_mlflow
   ;;
 start-worker)

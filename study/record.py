@@ -32,6 +32,8 @@ STUDY_KIND = "study.kind"
 DATASET = "dataset"
 CODE_VERSION = "code_version"
 SOURCE_DIGEST = "source_digest"  # study.reuse.source_digest() of the code that ran it
+DATA_FINGERPRINT = "data_fingerprint"  # a parent's: study.reuse.data_fingerprint of its data (read by study.compare)
+PACKAGES = "packages"  # a parent's: the versions of the packages its numbers depend on (study.reuse.package_versions)
 SEEDS_AUTO = "seeds.auto"  # what `--seeds auto` decided, as a sentence
 OPTUNA_STORAGE, OPTUNA_STUDY = "optuna.storage", "optuna.study"  # where a search's Optuna study lives
 
@@ -61,7 +63,8 @@ TUNE_CONFIG = "tune_config"  # a run the driver created for a trial that failed 
 
 SEARCH, CONFIRM = "search", "confirm"  # the variant of a search trial; the stages of a search
 
-TAGS = frozenset({ROLE, STUDY, STUDY_KIND, DATASET, CODE_VERSION, SOURCE_DIGEST, SEEDS_AUTO, OPTUNA_STORAGE,
+TAGS = frozenset({ROLE, STUDY, STUDY_KIND, DATASET, CODE_VERSION, SOURCE_DIGEST, DATA_FINGERPRINT, PACKAGES,
+                  SEEDS_AUTO, OPTUNA_STORAGE,
                   OPTUNA_STUDY, VARIANT, SEED, STAGE, TRIAL_ID, SELECTION, SELECTION_METRIC, MAP_PROTOCOL,
                   SCORE_BRANCH, TEST_BRANCH, FUSED_GROUP, FINGERPRINT, REUSED_FROM, RESTORED_FROM_EPOCH, DEVICE,
                   RAY_NODE_ID, RAY_NODES, RAY_GPU_IDS, STOPPED_EARLY, INTERRUPTED, ERROR, TUNE_CONFIG, *KERNEL_TAGS})
@@ -69,7 +72,7 @@ TAGS = frozenset({ROLE, STUDY, STUDY_KIND, DATASET, CODE_VERSION, SOURCE_DIGEST,
 # identity of a run to reuse
 READ_IN_TRIALS = frozenset({RAY_NODES, FINGERPRINT})
 # written for the person reading the run in MLflow (where it ran, on what, from which attempt); no code reads them
-FOR_PEOPLE = frozenset({STUDY, STUDY_KIND, DEVICE, RAY_NODE_ID, RAY_GPU_IDS, RESTORED_FROM_EPOCH, TUNE_CONFIG,
+FOR_PEOPLE = frozenset({STUDY, STUDY_KIND, RAY_NODE_ID, RAY_GPU_IDS, RESTORED_FROM_EPOCH, TUNE_CONFIG,
                         TEST_BRANCH, ERROR})
 
 # ---------------------------------------------------------------- a trial's Tune config (study.run's param space)

@@ -118,6 +118,23 @@ def _folder(value: str | None, key: str, dataset: str) -> Path:
     return path
 
 
+PACKAGES = ("torch", "numpy", "open_clip_torch", "scikit-learn", "scipy", "statsmodels", "pandas", "ray", "optuna",
+            "mlflow")
+
+
+def package_versions() -> str:
+    """`torch==2.14.1 numpy==...`: the installed versions of the packages a study's numbers and report depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(name: str) -> str:
+        try:
+            return f"{name}=={version(name)}"
+        except PackageNotFoundError:
+            return f"{name} (absent)"
+
+    return " ".join(one(name) for name in PACKAGES)
+
+
 def data_fingerprint(cfg: VadClipConfig) -> str:
     """"synthetic" for generated data (a pure function of the config, which the config part covers); else
     sha256 (16 hex) of every regular file in `data.lists` and every *.npy under `data.features` (recursively):

@@ -71,6 +71,7 @@ class RunOptions:
     confirm_top: int | None = None  # a search's confirmation stage (default: the spec's confirm.top; 0 = none)
     confirm_seeds: int | None = None
     fuse_seeds: int | str | None = None  # seeds of a row per trial (vadclip.fused); default: the spec's fuse_seeds
+    equivalence_margin: float | None = None  # points (default: the spec's equivalence_margin); the report's verdicts
     dry_run: bool = False
     project: Path = field(default_factory=Path.cwd)
     reports_dir: Path | None = None
@@ -186,6 +187,17 @@ def print_plan(spec: specs.StudySpec, p: Plan) -> None:
     fused = (f"; fused (fuse_seeds {p.fuse}): {len(p.resolved.rows) * groups} Tune trials of up to {p.fuse} seeds each"
              if p.fuse > 1 and spec.kind == "ablation" else "")
     print(f"{len(p.trials)} trials{fused}")
+    if line := statistics_line(spec, p):
+        print(line)
+
+
+def statistics_line(spec: specs.StudySpec, p: Plan) -> str | None:
+    """What the study's seed count can show (an ablation compared with its full row), before it starts."""
+    if spec.kind != "ablation" or spec.full is None:
+        return None
+    from study.report.stats import seed_floor_note  # scipy/statsmodels: only when there is something to say
+
+    return f"statistics: {seed_floor_note(len(p.seeds), len(spec.variants) - 1)}"
 
 
 def check_address(address: str, timeout: float = 10.0) -> None:
@@ -300,6 +312,8 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
 
     Raises VadClipError subclasses for bad input (nothing created) and StudyInterrupted on Ctrl-C."""
     spec = specs.load(name)
+    if opts.equivalence_margin is not None:
+        spec = replace(spec, equivalence_margin=specs.check_margin(opts.equivalence_margin, "--equivalence-margin"))
     opts.project = opts.project.resolve()
     state_file = _state_path(opts, spec.name)
     previous: dict[str, Any] = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -324,13 +338,15 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
         check_writable(folder, what)
     check_address(opts.address)
 
-    from study.reuse import source_digest
+    from study.reuse import data_fingerprint, package_versions, source_digest
     from vadclip.data import load_dataset
     from vadclip.data.dataset import describe
     from vadclip.model.clip import RANDOM_WEIGHTS_WARNING
 
     data = load_dataset(p.base)  # once per study: trials share it through Ray's object store
     print(describe(data), file=sys.stderr)
+    if line := statistics_line(spec, p):
+        print(line, file=sys.stderr)
     if p.base.clip.weights is None:
         # once here; the trials' copies stay in their logs (shown with -v)
         print(RANDOM_WEIGHTS_WARNING.format(model=p.base.clip.model), file=sys.stderr)
@@ -342,7 +358,8 @@ def run_study(name: str, opts: RunOptions) -> dict[str, Any]:
     experiment_id = ensure_experiment(uri, spec.name, opts.project / "mlartifacts", description=spec.description)
     tags = {record.STUDY: spec.name, record.STUDY_KIND: spec.kind, record.DATASET: p.dataset,
             record.SELECTION: p.base.eval.selection, record.MAP_PROTOCOL: p.base.eval.map_protocol,
-            record.CODE_VERSION: code_version(), record.SOURCE_DIGEST: source_digest()}
+            record.CODE_VERSION: code_version(), record.SOURCE_DIGEST: source_digest(),
+            record.DATA_FINGERPRINT: data_fingerprint(p.base), record.PACKAGES: package_versions()}
     if opts.resume:
         run_name, parent_id = previous["run_name"], previous["parent_run_id"]
         reopen(uri, parent_id)
@@ -624,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the spec's fuse_seeds, auto = up to 5 when trials have a GPU)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false",
                    help="train every trial, even one identical (config, data, code) to a FINISHED run in the store")
+    p.add_argument("--equivalence-margin", type=float, help="points of the study metric within which a row is "
+                   "'equivalent' to the full model (paired TOST; default: the spec's equivalence_margin, 1)")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray instance")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -648,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           num_samples=args.num_samples, address=args.address, storage=args.storage,
                           tracking_uri=args.tracking_uri, resume=args.resume, reuse=args.reuse, dry_run=args.dry_run,
                           confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
-                          fuse_seeds=args.fuse_seeds, num_cpus=args.num_cpus, verbose=args.verbose)
+                          fuse_seeds=args.fuse_seeds, num_cpus=args.num_cpus, verbose=args.verbose,
+                          equivalence_margin=args.equivalence_margin)
         summary = run_study(args.name, opts)
     except StudyInterrupted as err:
         print(f"\n{err}", file=sys.stderr)

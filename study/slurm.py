@@ -45,9 +45,10 @@ export PY JOB
 log() { echo "[$(date '+%F %T') study.slurm] $*"; }
 
 # Ports: a block of 12 derived from the job id, so that jobs sharing a node (other users' or our own) never meet on
-# Ray's fixed defaults (6379, 8265, 10001, 52365 ...); jobs whose ids differ by a multiple of 3000 could, and do
-# not run at the same time in practice. Ray's worker ports stay in its default range 10002-19999, below the block.
-BASE=$((20000 + (JOB % 3000) * 12))
+# Ray's fixed defaults (6379, 8265, 10001, 52365 ...); jobs whose ids differ by a multiple of 1000 could, and do
+# not run at the same time in practice. The blocks lie in 20000-31999: above Ray's worker ports (10002-19999) and
+# below the kernel's ephemeral range (32768-60999), where any outgoing connection may hold a port already.
+BASE=$((20000 + (JOB % 1000) * 12))
 RAY_PORT=$BASE
 MLFLOW_PORT=$((BASE + 11))
 export RAY_PORT BASE

@@ -182,6 +182,13 @@ def _columns(raw: list[Any], where: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
+def check_margin(value: Any, where: str) -> float:
+    """`equivalence_margin`: points (> 0) of the study metric within which a row counts as equivalent."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise SpecError(f"{where}: equivalence_margin must be a number of points > 0, got {value!r}")
+
+
 def check_fuse_seeds(value: Any, where: str) -> int | str:
     """`fuse_seeds`: a positive int or auto; SpecError naming `where` otherwise."""
     if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -365,6 +372,8 @@ class StudySpec:
     # seeds of one row trained together in one trial (vadclip.fused); auto: up to FUSE_AUTO_MOST when a trial has a
     # GPU, else 1 (on a CPU the fused step costs what the seeds cost apart: docs/speed.md)
     fuse_seeds: int | str = field(default="auto", metadata=_rule(read=check_fuse_seeds))
+    # a row within ± this many points of the reference (paired TOST) is "equivalent" (study.report.stats.verdict)
+    equivalence_margin: float = field(default=1.0, metadata=_rule(read=check_margin))
 
     def resolve_metric(self, style: str) -> str:
         return self.metric if self.metric != "auto" else auto_metric(style)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +28,7 @@ from study.report.html import html_report
 from study.report.protocols import SELECTION
 from study.report.render import finite, tex_file
 from study.report.search import search_report
-from study.spec import StudySpec, load
+from study.spec import StudySpec, check_margin, load
 from study.tracking import default_tracking_uri
 from vadclip.cli import Parser
 from vadclip.errors import VadClipError
@@ -58,12 +58,13 @@ def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_i
     ctx = read_context(spec, tracking_uri, parent_run_id, protocol)
     out_dir = Path(out_dir)
     doc = (ablation_report if spec.kind == "ablation" else search_report)(ctx)
+    plots = [out_dir / doc.plot_name, *map(out_dir.joinpath, doc.more_plots)]
     files = ReportFiles(out_dir / f"{spec.name}.md", out_dir / f"{spec.name}.tex", out_dir / f"{spec.name}.csv",
-                        out_dir / f"{spec.name}.html", [out_dir / doc.plot_name], doc.table, doc.text, doc.notes,
-                        summary(spec, doc.table))
+                        out_dir / f"{spec.name}.html", plots, doc.table, doc.text, doc.notes, summary(spec, doc.table))
+    pngs = {doc.plot_name: doc.plot, **doc.more_plots}
     write_atomically({files.md: doc.md.encode(), files.tex: tex_file(doc.tex, spec.name, ctx.parent_id).encode(),
-                      files.csv: doc.csv.encode(), files.plots[0]: doc.plot,
-                      files.html: html_report(doc.md, {doc.plot_name: doc.plot}).encode()})
+                      files.csv: doc.csv.encode(), **{out_dir / n: png for n, png in pngs.items()},
+                      files.html: html_report(doc.md, pngs).encode()})
     return files
 
 
@@ -92,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=protocols.names(), default=SELECTION,
                         help="test values shown: each trial's own selection (default: its eval.selection, val unless "
                         f"set), or derived from the histories: {derived}")
+    parser.add_argument("--equivalence-margin", type=float, help="points of the study metric within which a row is "
+                        "'equivalent' to the full model (default: the spec's equivalence_margin, 1)")
     args = parser.parse_args(argv)
     try:
-        files = build_report(load(args.name), args.tracking_uri, args.out, args.parent, args.protocol)
+        spec = load(args.name)
+        if args.equivalence_margin is not None:
+            spec = replace(spec, equivalence_margin=check_margin(args.equivalence_margin, "--equivalence-margin"))
+        files = build_report(spec, args.tracking_uri, args.out, args.parent, args.protocol)
     except VadClipError as err:
         print(f"study.report: {err}", file=sys.stderr)
         return 2

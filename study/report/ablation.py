@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -38,7 +38,7 @@ from study.report.context import (
     read_replicates,
     tag,
 )
-from study.report.notes import Notes, paper_note, planned, protocol_notes, provenance
+from study.report.notes import Notes, cost_note, paper_note, planned, protocol_notes, provenance
 from study.report.protocols import BEST_ON_TEST, BEST_ON_VAL, SELECTION, protocol_text
 from study.report.render import (
     CLIPPED,
@@ -56,14 +56,20 @@ from study.report.render import (
     to_markdown,
 )
 from study.report.stats import (
+    ALPHA,
     WILCOXON_MIN_N,
+    Effect,
     Paired,
     holm,
     optimism,
     paired_comparison,
+    paired_effect,
+    seed_floor_note,
     significance_mark,
     t_interval,
+    tost_p,
     two_level_bootstrap,
+    verdict,
 )
 from study.spec import StudySpec
 from vadclip.bootstrap import N_RESAMPLES
@@ -74,7 +80,8 @@ NAN = math.nan
 
 # the ablation notes by name (ablation_notes), in the order shown
 CELLS, ERROR_BARS, COMPARISON, PROTOCOLS_NOTE = "cells", "error bars", "comparison", "protocols"
-STATISTICS = (CELLS, ERROR_BARS, COMPARISON)  # what the table's numbers are: a confirmed table repeats them
+VERDICTS_NOTE = "verdicts"
+STATISTICS = (CELLS, ERROR_BARS, COMPARISON, VERDICTS_NOTE)  # what the table's numbers are: a confirmed table too
 
 
 def ablation_report(ctx: Context) -> Document:
@@ -86,12 +93,16 @@ def ablation_report(ctx: Context) -> Document:
                            read_replicates(ctx, ctx.metric) if registry.get(ctx.protocol).selected else None,
                            ctx.style)
     grid = ablation_grid(table, ctx.metric, spec.full, spec.columns)
+    compact = paper_grid(table, ctx.metric, spec.full, spec.columns)
     notes = list(ablation_notes(ctx, table, ctx.protocol).values())
-    text = to_markdown(grid)
+    text = to_markdown(compact)
     plot_name = f"{spec.name}_{ctx.metric}.png"
     paper = f" (paper Table {spec.paper_table})" if spec.paper_table else ""
-    md = [f"# {spec.name}: {spec.description}{paper}", "", text, ""]
-    tex = to_latex(grid, f"{spec.description}{paper}", tex_label(spec.name), notes)
+    caption = f"{spec.description}{paper}. {paper_caption(ctx, table)}"
+    md = [f"# {spec.name}: {spec.description}{paper}", "", text, "", paper_caption(ctx, table), "",
+          "## Details", "", to_markdown(grid), ""]
+    tex = (to_latex(compact, caption, tex_label(spec.name), []) +
+           to_latex(grid, f"{spec.name}: details", tex_label(spec.name) + "-details", notes))
     extra = protocol_grid(table, ctx.metric)
     if extra is not None:
         md += [f"## {label(ctx.metric)} under each selection protocol", "", to_markdown(extra), ""]
@@ -108,8 +119,10 @@ def ablation_report(ctx: Context) -> Document:
 @dataclass(frozen=True)
 class Comparison:
     """A row against the reference row over matched seeds (study.report.stats.paired_comparison), with its p
-    Holm-adjusted across the table's rows and the mark of that; the defaults: no comparison (the reference row
-    itself, or no reference). The fields are the table's `Columns` of the study metric (`put`, `read`)."""
+    Holm-adjusted across the table's rows and the mark of that, the equivalence test within the study's margin
+    (TOST, Holm-adjusted), the row's verdict, its effect size and the smallest difference its seeds could detect
+    (stats.Effect); the defaults: no comparison (the reference row itself, or no reference). The fields are the
+    table's `Columns` of the study metric (`put`, `read`)."""
 
     delta: float = NAN
     delta_low: float = NAN
@@ -117,17 +130,29 @@ class Comparison:
     p: float = NAN
     p_t: float = NAN
     p_wilcoxon: float = NAN
-    test: str = ""  # which p is shown: "t" or "wilcoxon"
+    p_test: str = ""  # which p is shown: "t" or "wilcoxon"
     pairs: int = 0
     p_holm: float = NAN
     sig: str = ""
+    tost_p: float = NAN
+    tost_p_holm: float = NAN
+    verdict: str = ""  # better / worse / equivalent / inconclusive (stats.verdict)
+    g: float = NAN
+    g_low: float = NAN
+    g_high: float = NAN
+    superiority: float = NAN
+    superiority_low: float = NAN
+    superiority_high: float = NAN
+    mdd: float = NAN
 
     @classmethod
-    def of(cls, paired: Paired | None, p_holm: float) -> Comparison:
+    def of(cls, paired: Paired | None, p_holm: float, tost: float = NAN, tost_holm: float = NAN,
+           effect: Effect | None = None) -> Comparison:
         if paired is None:
             return cls(p_holm=p_holm)
         return cls(paired.delta, paired.ci_low, paired.ci_high, paired.p, paired.p_t, paired.p_wilcoxon,
-                   paired.test, paired.n, p_holm, significance_mark(p_holm))
+                   paired.test, paired.n, p_holm, significance_mark(p_holm), tost, tost_holm,
+                   verdict(paired.delta, p_holm, tost_holm), **asdict(effect or Effect()))
 
 
 @dataclass(frozen=True)
@@ -184,7 +209,8 @@ def ablation_table(spec: StudySpec, children: pd.DataFrame, metric: str, protoco
     for m, paper in paper_values(spec, order, style).items():
         table[Columns(m).paper] = paper
     cols = Columns(metric)
-    put(table, cols, Comparison, compare(values, order, spec.full, metric))
+    margin = spec.equivalence_margin / percent_scale(metric)  # points -> the metric as logged
+    put(table, cols, Comparison, compare(values, order, spec.full, metric, margin))
     if protocols is not None:
         protocol_columns(table, finished, protocols, order, metric)
     if replicates:
@@ -255,14 +281,21 @@ def per_seed(values: pd.DataFrame, variant: str, metric: str) -> dict[str, float
     return {str(k): float(v) for k, v in rows.groupby(column(SEED))[metric].mean().items()}
 
 
-def compare(values: pd.DataFrame, order: list[str], full: str | None, metric: str) -> list[Comparison]:
+def compare(values: pd.DataFrame, order: list[str], full: str | None, metric: str,
+            margin: float = NAN) -> list[Comparison]:
     """Every row against the full model over matched seeds (study.report.stats.paired_comparison), with the
-    shown p-values Holm-adjusted across the rows of the table."""
+    shown p-values Holm-adjusted across the rows of the table; the equivalence test within ±`margin` (a fraction,
+    as the metric is logged; TOST, Holm-adjusted the same way), the verdict, the effect size and the minimum
+    detectable difference at Holm's strictest level (alpha / compared rows)."""
     reference = per_seed(values, full, metric) if full is not None else {}
-    results = [paired_comparison(per_seed(values, v, metric), reference) if v != full and reference else None
-               for v in order]
+    rows = {v: per_seed(values, v, metric) for v in order if v != full and reference}
+    results = [paired_comparison(rows[v], reference) if v in rows else None for v in order]
     adjusted = holm([NAN if r is None else r.p for r in results])
-    return [Comparison.of(r, p) for r, p in zip(results, adjusted)]
+    tosts = [tost_p(rows[v], reference, margin) if v in rows else NAN for v in order]
+    tosts_holm = holm(tosts)
+    level = ALPHA / max(len(rows), 1)
+    effects = [paired_effect(rows[v], reference, alpha=level) if v in rows else None for v in order]
+    return [Comparison.of(*args) for args in zip(results, adjusted, tosts, tosts_holm, effects)]
 
 
 def protocol_columns(table: pd.DataFrame, finished: pd.DataFrame, protocols: pd.DataFrame, order: list[str],
@@ -326,10 +359,51 @@ def ablation_grid(table: pd.DataFrame, metric: str, full: str | None, columns: S
                 cells.append(num(row[Columns(m).paper]))
         if boot:
             cells.append(interval(row[cols.boot_low] * scale, row[cols.boot_high] * scale))
-        cells += ["ref.", "-", "-"] if variant == full else _comparison_cells(read(row, cols, Comparison), scale)
+        cells += ["ref.", "-", "-", "-"] if variant == full else _comparison_cells(read(row, cols, Comparison), scale)
         cells.append(str(int(row[FAILED])))
         grid.rows.append(cells)
     return grid
+
+
+MARKS = {"better": "↑", "worse": "↓", "equivalent": "≈", "inconclusive": "?"}  # the compact table's verdicts
+
+
+def paper_grid(table: pd.DataFrame, metric: str, full: str | None, columns: Sequence[str] = CORE,
+               reference: str = "full") -> Grid:
+    """What a paper prints: one cell per metric, `mean ± half-width` of the 95 % t-interval over seeds (points),
+    the best mean in bold; the study metric's cell carries the row's verdict against the full model (MARKS) with
+    its significance stars."""
+    shown = [m for m in _shown_metrics(table, columns) if Columns(m).mean in table]
+    cols = Columns(metric)
+    grid = Grid(["Variant", *[label(m) for m in shown]], [])
+    means = {m: table[Columns(m).mean].dropna() for m in shown}
+    best = {m: v.max() for m, v in means.items() if v.round(9).nunique() > 1}
+    for r, (variant, row) in enumerate(table.iterrows()):
+        cells = [f"{variant} ({reference})" if variant == full and variant != reference else str(variant)]
+        for m in shown:
+            c, scale = Columns(m), percent_scale(m)
+            if row.get(c.mean) == best.get(m) and finite(best.get(m)):
+                grid.bold.add((r, len(cells)))
+            half = (row[c.high] - row[c.low]) / 2 * scale
+            cell = f"{row[c.mean] * scale:.2f}" + (f" ± {half:.1f}" if finite(half) else "") if finite(
+                row[c.mean]) else "-"
+            if m == metric and variant != full and (mark := MARKS.get(str(row.get(cols.verdict, "")))):
+                sig = str(row.get(cols.sig, ""))
+                cell += f" {mark}{sig if sig != 'n.s.' else ''}"
+            cells.append(cell)
+        grid.rows.append(cells)
+    return grid
+
+
+def paper_caption(ctx: Context, table: pd.DataFrame) -> str:
+    """The compact table's caption: n, protocol, test and correction, what the marks mean."""
+    n = sorted({int(v) for v in table[RUNS] if v})
+    name = label(ctx.metric)
+    return (f"Mean ± half-width of the 95 % t-interval over n = {'/'.join(map(str, n)) or 0} seeds per row, in "
+            f"percent; test metrics under {protocol_text(ctx.protocol)}. {name} vs the full model: ↑ / ↓ "
+            "significantly better / worse (paired t-test, Wilcoxon signed-rank from 6 pairs; Holm over the rows; "
+            f"* < 0.05, ** < 0.01, *** < 0.001), ≈ equivalent within ±{ctx.spec.equivalence_margin:g} points "
+            "(paired TOST, Holm), ? inconclusive. Details below.")
 
 
 def _grid_headers(table: pd.DataFrame, metric: str, shown: list[str], boot: bool, reference: str) -> list[str]:
@@ -338,14 +412,14 @@ def _grid_headers(table: pd.DataFrame, metric: str, shown: list[str], boot: bool
     for m in shown:
         headers += [label(m)] + ([f"{label(m)} (paper)"] if Columns(m).paper in table else [])
     headers += [f"{name} 95% CI (seeds × videos)"] if boot else []
-    return headers + [f"Δ{name} vs {reference} [95% CI]", "p", "p (Holm)", "failed"]
+    return headers + [f"Δ{name} vs {reference} [95% CI]", "p", "p (Holm)", "verdict", "failed"]
 
 
 def _comparison_cells(row: Comparison, scale: float) -> list[str]:
-    """Δ [interval], p (W: Wilcoxon), Holm-adjusted p with its mark."""
+    """Δ [interval], p (W: Wilcoxon), Holm-adjusted p with its mark, the verdict (stats.verdict)."""
     return [_signed_span(row.delta, row.delta_low, row.delta_high, scale),
-            pvalue(row.p) + (" (W)" if row.test == "wilcoxon" else ""),
-            f"{pvalue(row.p_holm)} {row.sig}".strip()]
+            pvalue(row.p) + (" (W)" if row.p_test == "wilcoxon" else ""),
+            f"{pvalue(row.p_holm)} {row.sig}".strip(), row.verdict or "-"]
 
 
 def protocol_grid(table: pd.DataFrame, metric: str) -> Grid | None:
@@ -385,7 +459,7 @@ def ablation_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION)
 
 
 def statistics_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION) -> Notes:
-    """CELLS, ERROR_BARS, COMPARISON: what the table's cells, intervals and tests are."""
+    """CELLS, ERROR_BARS, COMPARISON, VERDICTS_NOTE: what the table's cells, intervals, tests and verdicts are."""
     name = label(ctx.metric)
     n_max = int(table[RUNS].max()) if len(table) else 0
     shown_test = (f"Wilcoxon signed-rank (scipy.stats.wilcoxon; rows with ≥ {WILCOXON_MIN_N} pairs, marked W) or "
@@ -405,7 +479,20 @@ def statistics_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTIO
         f"{SEED} tag, with its 95 % t-interval; p: two-sided {shown_test}paired t-test (scipy.stats.ttest_rel) of "
         f"{name}; p (Holm): Holm-adjusted across the rows of this table (statsmodels multipletests); n.s. = not "
         "significant at 0.05, * < 0.05, ** < 0.01, *** < 0.001; '-' with fewer than 2 pairs or zero variance.",
+        VERDICTS_NOTE: verdicts_note(ctx, table),
     }
+
+
+def verdicts_note(ctx: Context, table: pd.DataFrame) -> str:
+    """The verdict column, the equivalence margin, what this many seeds can show, and where the effect sizes are."""
+    compared = int(table[Columns(ctx.metric).pairs].gt(0).sum()) if Columns(ctx.metric).pairs in table else 0
+    pairs = int(table[Columns(ctx.metric).pairs].max()) if compared else 0
+    return (f"Verdict: better / worse = the difference is significant after Holm; else equivalent = within "
+            f"±{ctx.spec.equivalence_margin:g} points of the full model by paired TOST (statsmodels ttost_paired, "
+            "Holm-adjusted); else inconclusive = neither: the seeds cannot tell 'no effect' from 'too few seeds'. "
+            f"{seed_floor_note(pairs, compared)} Hedges' g of the paired differences, the fraction of seeds on "
+            "which a row beats the full model and the minimum difference its seeds could detect (80 % power at "
+            "Holm's strictest level): the CSV (docs/statistics.md).")
 
 
 def protocols_note(metric: str) -> str:
@@ -434,6 +521,7 @@ def run_notes(ctx: Context, table: pd.DataFrame) -> Notes:
         + (f"; unfinished (RUNNING/KILLED): {unfinished}" if unfinished else "") + ".",
         "reused": f"Reused trials: {reused} of {len(ctx.finished)} finished (results copied from an identical "
         f"FINISHED run: same resolved config and seed, data fingerprint and code digest; tag {REUSED_FROM}).",
+        **cost_note(ctx, len(table)),
         "provenance": provenance(ctx),
     }
 

@@ -44,7 +44,7 @@ class Columns:
     Every metric: mean, std, n and the 95 % t-interval low/high over seeds, the paper's value. The study metric
     also: the paired comparison against the full model (delta … sig, see ablation.Comparison), its value under
     each derived selection protocol (`protocol(name)`), the optimism of best-on-test and the two-level bootstrap
-    interval."""
+    interval. The equivalence test, verdict, effect size and minimum detectable difference: ablation.Comparison."""
 
     metric: str
     mean: str = field(init=False)
@@ -59,10 +59,20 @@ class Columns:
     p: str = field(init=False)
     p_t: str = field(init=False)
     p_wilcoxon: str = field(init=False)
-    test: str = field(init=False)
+    p_test: str = field(init=False)
     pairs: str = field(init=False)
     p_holm: str = field(init=False)
     sig: str = field(init=False)
+    tost_p: str = field(init=False)
+    tost_p_holm: str = field(init=False)
+    verdict: str = field(init=False)
+    g: str = field(init=False)
+    g_low: str = field(init=False)
+    g_high: str = field(init=False)
+    superiority: str = field(init=False)
+    superiority_low: str = field(init=False)
+    superiority_high: str = field(init=False)
+    mdd: str = field(init=False)
     optimism: str = field(init=False)
     optimism_low: str = field(init=False)
     optimism_high: str = field(init=False)
@@ -74,11 +84,8 @@ class Columns:
             object.__setattr__(self, f.name, f"{self.metric}_{f.name}")
 
     def protocol(self, name: str) -> str:
-        """The metric under a selection protocol (study.report.protocols), mean over seeds: `ap_last`.
-
-        Known clash, kept (the CSV's columns are a contract): `protocol("test")` (best-on-test) is the name of
-        `test` (which p the comparison shows); a table with the derived protocols holds the former there, so its
-        grid never marks a p as Wilcoxon's."""
+        """The metric under a selection protocol (study.report.protocols), mean over seeds: `ap_last`; no field of
+        this class may be a protocol's name (which p is shown is `p_test`, not `test`: best-on-test's)."""
         return f"{self.metric}_{name}"
 
 

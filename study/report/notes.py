@@ -14,12 +14,15 @@ import pandas as pd
 
 from study.record import (
     CODE_VERSION,
+    DEVICE,
     FINAL_COLUMN,
     KERNEL_TAGS,
     MAP_PROTOCOL,
+    REUSED_FROM,
     SCORE_BRANCH,
     SELECTION,
     SOURCE_DIGEST,
+    STOPPED_EARLY,
     VARIANT,
     column,
     param_column,
@@ -31,6 +34,7 @@ from study.tracking import sqlite_path
 from vadclip.data.conventions import DATASET_NAMES
 
 Notes = dict[str, str]  # name -> text, in the order shown
+COST_NOTE = "cost"
 
 AP_NOTE = "AP = sklearn average_precision_score, not trapezoidal AUC-PR"
 MAP_NOTES = {"official": "all test videos and classes incl. normal", "paper": "abnormal videos and classes only"}
@@ -39,6 +43,49 @@ SYNTHETIC_NOTE = "Synthetic data: the paper's values are for the real dataset, s
 REPORTED_ELSEWHERE_NOTE = ("{dataset}: the paper reports no result on it; the (paper) column holds the value VadCLIP's "
                            "results page quotes, a third-party re-run of unknown settings, most likely best-on-test "
                            "(docs/real-data.md)")
+
+
+def trial_seconds(runs: pd.DataFrame) -> pd.Series:
+    """Each run's start-to-end seconds (MLflow's run times; a run still open counts as 0)."""
+    if not len(runs) or "end_time" not in runs:
+        return pd.Series(dtype=float)
+    return ((runs["end_time"] - runs["start_time"]) / 1000).fillna(0).clip(lower=0)
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `3.5 min`, `2.1 h`."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def cost_note(ctx: Context, rows: int = 0) -> Notes:
+    """COST: what the table cost: trial-time by outcome (kept, stopped early, failed, reused) and device, the
+    wall time, trials per hour and what one more seed per row would cost (the mean kept trial, times the rows)."""
+    runs = ctx.children
+    if not len(runs) or not {"start_time", "end_time"} <= set(runs.columns):
+        return {}
+    seconds = trial_seconds(runs)
+    reused = runs[column(REUSED_FROM)].notna() if column(REUSED_FROM) in runs else pd.Series(False, index=runs.index)
+    stopped = (runs[column(STOPPED_EARLY)] == "true") if column(STOPPED_EARLY) in runs else reused & False
+    outcome = pd.Series("kept", index=runs.index)
+    outcome[runs["status"] != "FINISHED"] = "unfinished"
+    outcome[runs["status"] == "FAILED"] = "failed"
+    outcome[stopped] = "stopped early"
+    outcome[reused] = "reused"
+    by = seconds.groupby(outcome).sum()
+    parts = ", ".join(f"{name} {duration(by[name])}" for name in ("kept", "stopped early", "failed", "reused",
+                                                                 "unfinished") if name in by)
+    devices = Counter(runs[column(DEVICE)].dropna()) if column(DEVICE) in runs else Counter()
+    ends = runs["end_time"].dropna()
+    wall = (float(ends.max()) - float(ctx.parent["start_time"])) / 1000 if len(ends) else 0.0
+    per_hour = f"; {len(runs) / (wall / 3600):.0f} trials per hour" if wall > 0 else ""
+    kept = seconds[outcome == "kept"]
+    more = (f"; one more seed per row ({rows} rows) ≈ {duration(kept.mean() * rows)} of trial time"
+            if rows and len(kept) else "")
+    on = ", ".join(f"{n} on {d}" for d, n in devices.items())
+    return {COST_NOTE: f"Cost: {duration(seconds.sum())} of trial time ({parts}){f'; {on}' if on else ''}; wall "
+            f"time {duration(wall)}{per_hour}{more}. Times vary run to run; the numbers of the table do not."}
 
 
 def protocol_notes(ctx: Context) -> Notes:

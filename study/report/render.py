@@ -40,6 +40,7 @@ class Document:
     csv: str
     plot_name: str
     plot: bytes
+    more_plots: dict[str, bytes] = field(default_factory=dict)  # file name -> png (a search's budget curve)
 
 
 # ---------------------------------------------------------------- numbers and dates
@@ -121,7 +122,8 @@ def to_markdown(grid: Grid) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
-        "−": "-", "<": r"\textless{}", ">": r"\textgreater{}", "†": r"\textdagger{}"}
+        "−": "-", "<": r"\textless{}", ">": r"\textgreater{}", "†": r"\textdagger{}", "↑": r"$\uparrow$",
+        "↓": r"$\downarrow$", "≈": r"$\approx$"}
 
 
 def tex_escape(text: str) -> str:

@@ -39,7 +39,7 @@ from study.report import protocols as registry
 from study.report.ablation import STATISTICS, ablation_grid, ablation_notes, ablation_table
 from study.report.columns import BEST_EPOCH, CONFIGURATION_INDEX, EPOCHS, RUN_ID, TRIAL_INDEX, Columns, validation
 from study.report.context import Context, ReportError, final_metrics, read_protocols, read_replicates, tag
-from study.report.notes import Notes, planned, protocol_notes, provenance
+from study.report.notes import Notes, cost_note, planned, protocol_notes, provenance
 from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
 from study.space import Domain
 from study.spec import CONFIRM_BASE, Variant
@@ -55,6 +55,7 @@ def search_report(ctx: Context) -> Document:
     the search's own ranking, importances and notes."""
     confirmed = confirm_section(ctx)
     stage = ctx.children.get(column(STAGE), pd.Series(SEARCH, index=ctx.children.index)).fillna(SEARCH)
+    confirm_runs = ctx.children[stage == CONFIRM]
     ctx = replace(ctx, children=ctx.children[stage != CONFIRM].reset_index(drop=True))
     spec, metric = ctx.spec, ctx.metric
     finished = ctx.finished
@@ -92,8 +93,44 @@ def search_report(ctx: Context) -> Document:
     csv = table.to_csv(index_label=TRIAL_INDEX)
     if confirmed is not None:
         csv = confirmed[0].to_csv(index_label=CONFIGURATION_INDEX) + "\n" + csv
+    budget_name = f"{spec.name}_budget.png"
+    md += [f"![best {name} against trial-hours]({budget_name})", ""]
+    budget = budget_plot(ctx.children, confirm_runs, confirmed[0] if confirmed else None, metric, rank, spec.name)
     return Document(table, text, notes, "\n".join(md), tex, csv, plot_name,
-                    search_plot(table, spec.space, metric, rank, spec.name))
+                    search_plot(table, spec.space, metric, rank, spec.name), {budget_name: budget})
+
+
+def budget_curve(runs: pd.DataFrame, rank: str) -> pd.DataFrame:
+    """The search's best `rank` metric so far against the trial-hours spent so far, trials in the order they
+    ended (every trial's time counts, stopped and failed ones too; only finished ones can set a best)."""
+    ended = runs.dropna(subset=["end_time"]).sort_values("end_time")
+    hours = ((ended["end_time"] - ended["start_time"]) / 3.6e6).clip(lower=0).cumsum()
+    value = ended[rank].where(ended["status"] == "FINISHED") if rank in ended else pd.Series(math.nan, ended.index)
+    return pd.DataFrame({"hours": hours.to_numpy(), "best": value.cummax().to_numpy()})
+
+
+def budget_plot(search: pd.DataFrame, confirm: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str, rank: str,
+                title: str) -> bytes:
+    """The budget curve: the best search metric against trial-hours, and the best confirmed configuration's mean
+    test metric once the confirmation stage's hours are spent too."""
+    scale, name = percent_scale(metric), label(metric)
+    key = (FINAL_VAL_COLUMN if rank != metric else FINAL_COLUMN) + metric  # the children's column of `rank`
+    curve = budget_curve(search.assign(**{key: pd.to_numeric(search.get(key), errors="coerce")}), key)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.step(curve["hours"], curve["best"] * scale, where="post", color="tab:blue",
+            label=f"best search trial ({'validation' if rank != metric else 'test'} {name})")
+    if confirmed is not None and len(confirm) and Columns(metric).mean in confirmed:
+        spent = (curve["hours"].iloc[-1] if len(curve) else 0.0) + float(
+            ((confirm["end_time"] - confirm["start_time"]) / 3.6e6).clip(lower=0).sum())
+        best = confirmed[Columns(metric).mean].max() * scale
+        ax.scatter([spent], [best], color="tab:red", marker="*", s=120, zorder=3,
+                   label=f"best confirmed (test {name}, mean over seeds)")
+    ax.set_xlabel("trial-hours spent")
+    ax.set_ylabel(name + (" (%)" if scale == 100 else ""))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"{title}: budget curve", fontsize=10)
+    fig.tight_layout()
+    return png(fig)
 
 
 def confirm_section(ctx: Context) -> tuple[pd.DataFrame, Grid, list[str]] | None:
@@ -319,6 +356,7 @@ def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | No
              **protocol_notes(ctx)}
     if importance_note:
         notes["importances"] = f"Importances: {importance_note}."
+    notes.update(cost_note(ctx))
     notes["provenance"] = provenance(ctx)
     return notes
 

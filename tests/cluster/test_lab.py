@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,9 +50,16 @@ if _missing() or os.geteuid() != 0:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port outside the kernel's ephemeral range (where any outgoing connection may take it before the
+    server binds) and Ray's worker ports (10002-19999)."""
+    for port in random.Random(os.getpid()).sample(range(20000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999")
 
 
 def pid_namespace(pid: int | str) -> str:
@@ -141,6 +149,7 @@ def cluster_config(work: Path, key: Path, mlflow_port: int) -> Path:
 
 def _with_env(command: str, python: str, mlflow_port: int) -> str:
     replace = {"/usr/bin/python3.11": python, "YOUR-USER": USER, "ray[default,tune]==2.60.0": "",
+               "VADCLIP_MLFLOW_WORKERS=4": "VADCLIP_MLFLOW_WORKERS=1",
                "VADCLIP_MLFLOW_PORT=5000": f"VADCLIP_MLFLOW_PORT={mlflow_port}"}
     for old, new in replace.items():
         assert old in command, (old, command)

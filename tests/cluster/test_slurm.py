@@ -70,9 +70,16 @@ PartitionName=main Nodes=n1 Default=YES MaxTime=INFINITE State=UP
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (where an outgoing connection may take it before the daemon
+    binds) and above the jobs' Ray/MLflow blocks (20000-31999 in study.slurm; this test's jobs use 20000-20023)."""
+    for port in random.sample(range(30000, 32700), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 30000-32699")
 
 
 @pytest.fixture(scope="module")

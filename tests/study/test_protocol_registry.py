@@ -63,13 +63,15 @@ def test_the_shipped_registry_keeps_the_reports_columns_and_headers() -> None:
     assert protocols.names() == ("selection", "val", "test", "last")
     table = ablation_table(SPEC, _runs(), "ap", protocols=_protocol_frame(),
                            replicates={r: np.full(5, 0.7) for r in _runs()["run_id"]})
-    metric = [f"ap_{s}" for s in ("delta", "delta_low", "delta_high", "p", "p_t", "p_wilcoxon", "test", "pairs",
-                                  "p_holm", "sig", "val", "last", "optimism", "optimism_low", "optimism_high",
-                                  "boot_low", "boot_high")]
+    metric = [f"ap_{s}" for s in ("delta", "delta_low", "delta_high", "p", "p_t", "p_wilcoxon", "p_test", "pairs",
+                                  "p_holm", "sig", "tost_p", "tost_p_holm", "verdict", "g", "g_low", "g_high",
+                                  "superiority", "superiority_low", "superiority_high", "mdd", "val", "test", "last",
+                                  "optimism", "optimism_low", "optimism_high", "boot_low", "boot_high")]
     assert list(table.columns) == [f"{m}_{s}" for m in ("auc", "ap") for s in ("mean", "std", "n", "low", "high")] \
         + ["runs", "failed", "unfinished", "reused", *metric]
-    # Columns.test (which p is shown) and Columns.protocol("test") are one name: best-on-test overwrites it in place
-    assert Columns("ap").test == Columns("ap").protocol("test")
+    # which p is shown (p_test) and best-on-test (protocol "test") are two columns; no field is a protocol's name
+    from dataclasses import fields
+    assert not {f.name for f in fields(Columns)} & set(protocols.names())
     best_on_test = [max(t for _, t in h) for h in HISTORIES["Base"].values()]
     assert table.loc["Base", "ap_test"] == pytest.approx(np.mean(best_on_test))
     assert table.index.name == "variant"

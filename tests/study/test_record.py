@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from study import record
+from study.compare import differences, read_side
 from study.report import build_report
 from study.run import RunOptions, run_study
 from study.spec import load
@@ -53,6 +54,9 @@ def test_every_tag_written_is_read_and_every_tag_read_is_written(tmp_path, ray_l
         # the report again under a history-derived protocol: the protocols read each run's selection metric
         build_report(load(str(spec_path)), out["tracking_uri"], tmp_path / "again", out["parent_run_id"],
                      protocol="test")
+        # study.compare reads the side-level tags (data fingerprint, packages, code): the study against itself
+        side = read_side(str(spec_path), out["tracking_uri"], out["parent_run_id"])
+        assert not differences(side, side) and side.configs
     written = _written(out["tracking_uri"], "tiny_record")
     reads = {t for t in reads if not t.startswith("mlflow.")}  # MLflow's own (parent run, run name)
 
