@@ -95,7 +95,7 @@ def ablation_report(ctx: Context) -> Document:
     grid = ablation_grid(table, ctx.metric, spec.full, spec.columns)
     compact = paper_grid(table, ctx.metric, spec.full, spec.columns)
     notes = list(ablation_notes(ctx, table, ctx.protocol).values())
-    text = to_markdown(compact)
+    text = to_markdown(compact, padded=False)
     plot_name = f"{spec.name}_{ctx.metric}.png"
     paper = f" (paper Table {spec.paper_table})" if spec.paper_table else ""
     caption = f"{spec.description}{paper}. {paper_caption(ctx, table)}"

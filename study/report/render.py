@@ -109,13 +109,19 @@ def date_text(millis: Any) -> str:
 # ---------------------------------------------------------------- Markdown and LaTeX
 
 
-def to_markdown(grid: Grid) -> str:
+def to_markdown(grid: Grid, padded: bool = True) -> str:
+    """A pipe table, first column left-aligned and the others right; `padded=False`: no padding to the column
+    widths (the compact paper table stays as narrow as its widest row)."""
     def cell(text: str, r: int, c: int) -> str:
         text = text.replace("|", r"\|")
         return f"**{text}**" if (r, c) in grid.bold and text != "-" else text
 
-    frame = pd.DataFrame([[cell(t, r, c) for c, t in enumerate(row)] for r, row in enumerate(grid.rows)],
-                         columns=[h.replace("|", r"\|") for h in grid.headers])
+    rows = [[cell(t, r, c) for c, t in enumerate(row)] for r, row in enumerate(grid.rows)]
+    headers = [h.replace("|", r"\|") for h in grid.headers]
+    if not padded:
+        return "\n".join(["| " + " | ".join(headers) + " |", "|:--" + "|--:" * (len(headers) - 1) + "|",
+                          *["| " + " | ".join(row) + " |" for row in rows]])
+    frame = pd.DataFrame(rows, columns=headers)
     align = ["left"] + ["right"] * (len(grid.headers) - 1)
     return frame.to_markdown(index=False, disable_numparse=True, colalign=align)
 

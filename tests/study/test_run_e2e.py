@@ -86,7 +86,7 @@ def test_tiny_study_parent_children_and_report_match_mlflow(tmp_path, ray_local)
     md = (tmp_path / "reports" / "tiny_ablation.md").read_text()
     assert "LGT" in md and "84.51" in md and "average_precision_score" in md
     tex = (tmp_path / "reports" / "tiny_ablation.tex").read_text()
-    assert tex.count("\\toprule") == 2 and "under each selection protocol" in tex  # the table, the protocols
+    assert tex.count("\\toprule") == 3 and "under each selection protocol" in tex  # compact, details, protocols
     # Tune reuses the worker processes: 4 trials, 2 slots, at most 2 processes importing torch and building CLIP
     import json
 
