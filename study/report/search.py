@@ -106,7 +106,7 @@ def budget_curve(runs: pd.DataFrame, rank: str) -> pd.DataFrame:
     ended = runs.dropna(subset=["end_time"]).sort_values("end_time")
     hours = ((ended["end_time"] - ended["start_time"]) / 3.6e6).clip(lower=0).cumsum()
     value = ended[rank].where(ended["status"] == "FINISHED") if rank in ended else pd.Series(math.nan, ended.index)
-    return pd.DataFrame({"hours": hours.to_numpy(), "best": value.cummax().to_numpy()})
+    return pd.DataFrame({"hours": hours.to_numpy(), "best": value.cummax().ffill().to_numpy()})  # a best holds
 
 
 def budget_plot(search: pd.DataFrame, confirm: pd.DataFrame, confirmed: pd.DataFrame | None, metric: str, rank: str,

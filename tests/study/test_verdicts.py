@@ -170,11 +170,13 @@ def test_cost_note_splits_trial_time_by_outcome():
 def test_budget_curve_is_the_best_so_far_against_cumulative_trial_hours():
     from study.report.search import budget_curve
 
-    runs = pd.DataFrame({"status": ["FINISHED", "KILLED", "FINISHED", "FAILED"],
-                         "start_time": [0, 0, 3_600_000, 0],
-                         "end_time": [3_600_000, 1_800_000, 9_000_000, 900_000],  # 1 h, 0.5 h, 1.5 h, 0.25 h
-                         "val": [0.6, 0.9, 0.7, None]})
+    runs = pd.DataFrame({"status": ["FINISHED", "KILLED", "FINISHED", "FAILED", "KILLED"],
+                         "start_time": [0, 0, 3_600_000, 0, 0],
+                         # 1 h, 0.5 h, 1.5 h, 0.25 h, 0.1 h (stopped last)
+                         "end_time": [3_600_000, 1_800_000, 9_000_000, 900_000, 9_360_000],
+                         "val": [0.6, 0.9, 0.7, None, 0.95]})
     curve = budget_curve(runs, "val")
-    # in the order they ended: failed (0.25 h), stopped (0.5 h: its value cannot count), first (1 h), third (1.5 h)
-    assert curve["hours"].tolist() == pytest.approx([0.25, 0.75, 1.75, 3.25])
-    assert curve["best"].tolist()[2:] == [0.6, 0.7] and np.isnan(curve["best"].tolist()[:2]).all()
+    # in the order they ended: failed (0.25 h), stopped (0.5 h: its value cannot count), first (1 h), third (1.5 h),
+    # then a stopped one (2.6 h: time spent, the best holds)
+    assert curve["hours"].tolist() == pytest.approx([0.25, 0.75, 1.75, 3.25, 5.85])
+    assert curve["best"].tolist()[2:] == [0.6, 0.7, 0.7] and np.isnan(curve["best"].tolist()[:2]).all()
