@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
 import socket
@@ -27,6 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from study import record
+from tests.cluster.ports import free_port
 from tests.study.test_run_e2e import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,19 +47,6 @@ if _missing() or os.geteuid() != 0:
     if os.environ.get("CI"):
         raise RuntimeError(reason + "; .ci/run installs them")
     pytest.skip(reason, allow_module_level=True)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free port outside the kernel's ephemeral range (where any outgoing connection may take it before the
-    server binds) and Ray's worker ports (10002-19999)."""
-    for port in random.Random(os.getpid()).sample(range(20000, 30000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-29999")
 
 
 def pid_namespace(pid: int | str) -> str:
@@ -184,7 +171,7 @@ def test_ray_up_lab_cluster_runs_a_study_on_both_nodes_and_ray_down_cleans_up(tm
     assert run(["ray", "get-auth-token", "--generate"], env, 60, log).returncode == 0, log.read_text()
     # the head's authorized_keys is the home's (a grant for the tunnel key is appended there by node.sh)
     (home / ".ssh" / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
-    port = free_port()
+    port = free_port(20000, 30000)  # MLflow's (the Slurm tests' blocks start at 20000 too: run one at a time)
     config = cluster_config(work, key, port)
     spec = tiny_spec(work, "tiny_lab")
 

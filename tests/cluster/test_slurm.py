@@ -25,6 +25,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.cluster.ports import free_port
 from tests.study.test_run_e2e import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +33,8 @@ pytestmark = pytest.mark.cluster  # real daemons: `python -m pytest -q -m cluste
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun", "scancel")
 NAME = "tiny_slurm"
 TRIALS = 4  # 2 rows x 2 seeds
+# the daemons' ports: above the jobs' Ray/MLflow blocks (study.slurm: 20000-31999; this test's jobs 20000-20023)
+DAEMON_PORTS = (30000, 32700)
 
 CONF = """ClusterName=vadtest
 SlurmctldHost={host}(127.0.0.1)
@@ -69,19 +72,6 @@ PartitionName=main Nodes=n1 Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range (where an outgoing connection may take it before the daemon
-    binds) and above the jobs' Ray/MLflow blocks (20000-31999 in study.slurm; this test's jobs use 20000-20023)."""
-    for port in random.sample(range(30000, 32700), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 30000-32699")
-
-
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[dict[str, str]]:
     """A Slurm cluster of one node on loopback; yields the environment its commands need."""
@@ -99,7 +89,8 @@ def slurm() -> Iterator[dict[str, str]]:
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"), "HF_HUB_OFFLINE": "1",
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(ROOT)}
     (root / "slurm.conf").write_text(CONF.format(
-        host=socket.gethostname(), ctld_port=free_port(), d_port=free_port(), munge_socket=root / "munge.socket",
+        host=socket.gethostname(), ctld_port=free_port(*DAEMON_PORTS), d_port=free_port(*DAEMON_PORTS),
+        munge_socket=root / "munge.socket",
         root=root, first_job=random.randrange(100_000, 900_000, 1000)))
     procs: list[subprocess.Popen] = []
     try:
