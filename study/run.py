@@ -27,6 +27,7 @@ from study.tracking import (
     default_tracking_uri,
     ensure_experiment,
     log_artifacts,
+    log_parent_metrics,
     log_parent_summary,
     mark_interrupted_children,
     prepare_store,
@@ -46,7 +47,8 @@ from vadclip.metrics import mlflow_key
 
 # the options that decide an invocation's trials (with its flags), and how a user writes each one
 PLAN_OPTIONS = {"dataset": "--dataset {}", "seeds": "--seeds {}", "seeds_auto": "--seeds auto",
-                "ci_target": "--ci-target {}", "seeds_cap": "--seeds-cap {}", "num_samples": "--num-samples {}",
+                "ci_target": "--ci-target {}", "mdd_target": "--mdd-target {}", "seeds_cap": "--seeds-cap {}",
+                "num_samples": "--num-samples {}",
                 "max_epochs": "max_epochs={}", "confirm_top": "--confirm-top {}", "confirm_seeds": "--confirm-seeds {}",
                 "fuse_seeds": "--fuse-seeds {}", "reuse": "--no-reuse"}
 STATE_DIR = ".study_state"  # per-project pointers to the latest resumable invocation of each study
@@ -67,6 +69,7 @@ class RunOptions:
     reuse: bool = True  # False (--no-reuse): train every trial even when an identical FINISHED run exists
     seeds_auto: bool = False  # --seeds auto: add seeds until the full row's CI half-width meets the target
     ci_target: float | None = None  # points (default: the spec's seeds_auto.target)
+    mdd_target: float | None = None  # points: stop on the rows' minimum detectable difference instead
     seeds_cap: int | None = None
     confirm_top: int | None = None  # a search's confirmation stage (default: the spec's confirm.top; 0 = none)
     confirm_seeds: int | None = None
@@ -137,11 +140,16 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
         raise StudyError(f"--seeds auto: for ablations (a search confirms its winners with --confirm-seeds); "
                          f"{spec.name} is a {spec.kind}")
     if not opts.seeds_auto:
-        for flag, bound in (("--ci-target", opts.ci_target), ("--seeds-cap", opts.seeds_cap)):
+        for flag, bound in (("--ci-target", opts.ci_target), ("--mdd-target", opts.mdd_target),
+                            ("--seeds-cap", opts.seeds_cap)):
             if bound is not None:
                 raise StudyError(f"{flag} {bound}: only with --seeds auto")
-    if opts.seeds_auto and opts.ci_target is not None and not opts.ci_target > 0:
-        raise StudyError(f"--ci-target must be > 0 (points), got {opts.ci_target}")
+    if opts.ci_target is not None and opts.mdd_target is not None:
+        raise StudyError(f"--ci-target {opts.ci_target} and --mdd-target {opts.mdd_target}: --seeds auto stops on "
+                         "one of them; give one")
+    for flag, bound in (("--ci-target", opts.ci_target), ("--mdd-target", opts.mdd_target)):
+        if opts.seeds_auto and bound is not None and not bound > 0:
+            raise StudyError(f"{flag} must be > 0 (points), got {bound}")
     # --seeds auto starts from the spec's seeds, at least 2 (an interval needs them), and adds more later
     start = max(spec.seeds, 2)
     if opts.seeds_auto and (opts.seeds_cap or spec.seeds_auto["cap"]) < start:
@@ -403,10 +411,10 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
     A Ctrl-C once every trial of a stage has ended stops before the next stage, or, after the last one, lets
     the report be written."""
     from study.report import build_report
-    from study.reuse import code_digest, data_fingerprint
+    from study.reuse import code_digest
 
     uri, parent_id = inv.uri, inv.parent_id
-    fingerprints = {"data_fingerprint": data_fingerprint(p.base), "code_digest": code_digest()}
+    fingerprints = {"data_fingerprint": inv.tags[record.DATA_FINGERPRINT], "code_digest": code_digest()}
     first = Stage(spec.kind, inv.run_name, p.resolved.rows, p.seeds, len(p.trials))
     failures = _fit_stage(spec, opts, p, data, inv, first, fingerprints, latch)
     stopped = close_unfinished_children(uri, inv.experiment_id, parent_id, failures)
@@ -426,6 +434,7 @@ def _tune(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv: Invo
     files = build_report(spec, uri, inv.reports, parent_run_id=parent_id)
     log_artifacts(uri, parent_id, [files.md, files.html, files.tex, files.csv, *files.plots], "report")
     log_parent_summary(uri, parent_id, files.summary, prefix="mean" if spec.kind == "ablation" else "")
+    log_parent_metrics(uri, parent_id, files.cost)
     set_status(uri, parent_id, "FINISHED")
     return {"parent_run_id": parent_id, "experiment_id": inv.experiment_id, "tracking_uri": uri,
             "failed": len(failures), "stopped_early": stopped, "report": files,
@@ -442,15 +451,17 @@ def _more_seeds(spec: specs.StudySpec, opts: RunOptions, p: Plan, data: Any, inv
                 fingerprints: dict[str, str], latch: SigintLatch) -> dict[str, Any]:
     """`--seeds auto`: add one seed to every row at a time (each round its own Tune experiment, so --resume
     continues round by round) until the full row's 95 % t-interval half-width on the study metric is at most the
-    target, or the cap is reached; the parent's tag `seeds.auto` says which."""
-
-    target = opts.ci_target if opts.ci_target is not None else spec.seeds_auto["target"]
-    cap = opts.seeds_cap or spec.seeds_auto["cap"]
+    target (or, with --mdd-target, every row's minimum detectable difference), or the cap is reached; the
+    parent's tag `seeds.auto` says which."""
+    rule = stages.SeedsRule(detectable=opts.mdd_target is not None,
+                            target=next(t for t in (opts.mdd_target, opts.ci_target, spec.seeds_auto["target"])
+                                        if t is not None),
+                            cap=opts.seeds_cap or spec.seeds_auto["cap"])
     failures: dict[str, Any] = {}
     n = len(p.seeds)
     while True:
-        half = stages.reference_half_width(trial_views(inv), spec.full, p.metric, p.base.seed + n)
-        verdict = stages.seeds_verdict(half, n, target, cap, spec.full, p.metric)
+        value = rule.measure(trial_views(inv), spec.full, p.metric, p.base.seed + n)
+        verdict = rule.verdict(value, n, spec.full, p.metric)
         if verdict.stop:
             client(inv.uri).set_tag(inv.parent_id, record.SEEDS_AUTO, verdict.reason)
             return failures
@@ -626,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "row's 95%% CI half-width on the study metric is at most --ci-target (or --seeds-cap is reached)")
     p.add_argument("--ci-target", type=float, help="--seeds auto: target half-width in points (default: the spec's "
                    "seeds_auto.target)")
+    p.add_argument("--mdd-target", type=float, help="--seeds auto: stop instead when every row's minimum detectable "
+                   "difference against the full row (80%% power, Holm's strictest level) is at most this many points")
     p.add_argument("--seeds-cap", type=positive_int, help="--seeds auto: most seeds per row (default: the spec's "
                    "seeds_auto.cap)")
     p.add_argument("--num-samples", type=positive_int, help="trials of a search")
@@ -663,7 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         auto = args.seeds == "auto"
         opts = RunOptions(dataset=args.dataset, flags=flag_overrides(args), seeds=None if auto else args.seeds,
-                          seeds_auto=auto, ci_target=args.ci_target, seeds_cap=args.seeds_cap,
+                          seeds_auto=auto, ci_target=args.ci_target, mdd_target=args.mdd_target,
+                          seeds_cap=args.seeds_cap,
                           num_samples=args.num_samples, address=args.address, storage=args.storage,
                           tracking_uri=args.tracking_uri, resume=args.resume, reuse=args.reuse, dry_run=args.dry_run,
                           confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,

@@ -3,12 +3,13 @@ the `--seeds auto` stopping rule and the confirmation stage's top-k selection of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from study import record
-from study.report.stats import t_interval
+from study.report.stats import ALPHA, paired_effect, t_interval
 from study.space import Domain
 from vadclip.metrics import percent_scale
 
@@ -21,27 +22,67 @@ class SeedsVerdict:
     reason: str
 
 
+def _rows(trials: Iterable[record.TrialView], metric: str, seed_limit: int) -> dict[str, dict[str, float]]:
+    """Per row the study metric of its FINISHED trials with a seed below `seed_limit` (a resumed invocation replays
+    the rounds as they were decided), by seed."""
+    key = record.final_key(metric)
+    rows: dict[str, dict[str, float]] = {}
+    for t in trials:
+        if (t.finished and t.variant is not None and key in t.metrics and t.seed_number is not None
+                and t.seed_number < seed_limit):
+            rows.setdefault(t.variant, {})[str(t.seed_number)] = t.metrics[key]
+    return rows
+
+
 def reference_half_width(trials: Iterable[record.TrialView], full: str | None, metric: str, seed_limit: int) -> float:
     """Half the 95 % t-interval (in the table's units: percent for AUC/AP/AnoAUC) of the full row's study metric
-    over its FINISHED trials with a seed below `seed_limit` (a resumed invocation replays the rounds as they were
-    decided); NaN with fewer than 2."""
-    key = record.final_key(metric)
-    values = [t.metrics[key] for t in trials
-              if t.finished and t.variant == full and key in t.metrics
-              and t.seed_number is not None and t.seed_number < seed_limit]
-    low, high = t_interval(values)
+    over its FINISHED trials with a seed below `seed_limit`; NaN with fewer than 2."""
+    low, high = t_interval(list(_rows(trials, metric, seed_limit).get(full or "", {}).values()))
     return (high - low) / 2 * percent_scale(metric)
 
 
-def seeds_verdict(half: float, seeds: int, target: float, cap: float, full: str | None, metric: str) -> SeedsVerdict:
-    """Stop when the full row's half-width is at most `target` points, or at `cap` seeds per row."""
-    done = half == half and half <= target
-    if not done and seeds < cap:
-        return SeedsVerdict(False, "")
-    verdict = (f"half-width {half:.2f} <= target {target:g}" if done
-               else f"cap {cap} reached with half-width {half:.2f} > target {target:g}")
-    return SeedsVerdict(True, f"{verdict} points (95 % t-interval of the full row {full!r} on {metric}) "
-                              f"at {seeds} seeds per row")
+def largest_detectable(trials: Iterable[record.TrialView], full: str | None, metric: str, seed_limit: int) -> float:
+    """The largest minimum detectable difference (points; 80 % power at Holm's strictest level, alpha / compared
+    rows, paired over matched seeds: the report's `mdd`) of any row against the full row, over the FINISHED
+    trials with a seed below `seed_limit`; NaN while a row has fewer than 2 matched seeds. A row whose differences
+    do not vary detects any difference (0)."""
+    rows = _rows(trials, metric, seed_limit)
+    reference = rows.pop(full or "", {})
+    if not rows or not reference:
+        return math.nan
+    level = ALPHA / len(rows)
+    largest = 0.0
+    for values in rows.values():
+        effect = paired_effect(values, reference, alpha=level)
+        if not math.isfinite(effect.superiority):  # fewer than 2 matched seeds
+            return math.nan
+        largest = max(largest, effect.mdd if math.isfinite(effect.mdd) else 0.0)
+    return largest * percent_scale(metric)
+
+
+@dataclass(frozen=True)
+class SeedsRule:
+    """What `--seeds auto` measures after each round and stops on: the full row's CI half-width (`--ci-target`) or
+    the largest minimum detectable difference of the rows (`--mdd-target`), at most `target` points."""
+
+    detectable: bool
+    target: float
+    cap: int
+
+    def measure(self, trials: Iterable[record.TrialView], full: str | None, metric: str, seed_limit: int) -> float:
+        return (largest_detectable if self.detectable else reference_half_width)(trials, full, metric, seed_limit)
+
+    def verdict(self, value: float, seeds: int, full: str | None, metric: str) -> SeedsVerdict:
+        """Stop when `value` is at most the target, or at `cap` seeds per row."""
+        done = value == value and value <= self.target
+        if not done and seeds < self.cap:
+            return SeedsVerdict(False, "")
+        what = ("largest minimum detectable difference" if self.detectable else "half-width")
+        verdict = (f"{what} {value:.2f} <= target {self.target:g}" if done
+                   else f"cap {self.cap} reached with {what} {value:.2f} > target {self.target:g}")
+        basis = (f"80 % power at Holm's strictest level, every row against the full row {full!r} on {metric}"
+                 if self.detectable else f"95 % t-interval of the full row {full!r} on {metric}")
+        return SeedsVerdict(True, f"{verdict} points ({basis}) at {seeds} seeds per row")
 
 
 @dataclass(frozen=True)

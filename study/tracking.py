@@ -195,7 +195,6 @@ def log_parent_summary(uri: str, parent_id: str, summary: Mapping[str, Mapping[s
     `<prefix>/<row>/<metric>` (e.g. `mean/LGT-Adapter/ap`; prefix "" -> `best/ap`), names made MLflow-safe.
     Idempotent: a value equal to the one logged already is not logged again (a changed one is, at step 0).
     Non-finite values are skipped. Returns every key with its value."""
-    c = client(uri)
     keys: dict[str, float] = {}
     rows: dict[str, str] = {}  # MLflow-safe name -> row
     for row, metrics in summary.items():
@@ -210,12 +209,19 @@ def log_parent_summary(uri: str, parent_id: str, summary: Mapping[str, Mapping[s
                 continue
             parts = [prefix, name, *(safe_key(p) for p in mlflow_key(metric).split("/"))]
             keys["/".join(p for p in parts if p)] = float(value)
+    log_parent_metrics(uri, parent_id, keys)
+    return keys
+
+
+def log_parent_metrics(uri: str, parent_id: str, metrics: Mapping[str, float]) -> None:
+    """Metrics on the parent run at step 0 (names as given: MLflow-safe), each only when it differs from the value
+    logged already, so a second report of the same study adds nothing."""
+    c = client(uri)
     logged = retry(c.get_run, parent_id).data.metrics
     now = int(time.time() * 1000)
-    items = [Metric(k, v, now, 0) for k, v in keys.items() if logged.get(k) != v]
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if logged.get(k) != v]
     for i in range(0, len(items), 1000):
         retry(c.log_batch, parent_id, metrics=items[i:i + 1000])
-    return keys
 
 
 def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],

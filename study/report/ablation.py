@@ -38,7 +38,7 @@ from study.report.context import (
     read_replicates,
     tag,
 )
-from study.report.notes import Notes, cost_note, paper_note, planned, protocol_notes, provenance
+from study.report.notes import Notes, cost_note, paper_note, planned, protocol_notes, provenance, study_cost
 from study.report.protocols import BEST_ON_TEST, BEST_ON_VAL, SELECTION, protocol_text
 from study.report.render import (
     CLIPPED,
@@ -521,7 +521,7 @@ def run_notes(ctx: Context, table: pd.DataFrame) -> Notes:
         + (f"; unfinished (RUNNING/KILLED): {unfinished}" if unfinished else "") + ".",
         "reused": f"Reused trials: {reused} of {len(ctx.finished)} finished (results copied from an identical "
         f"FINISHED run: same resolved config and seed, data fingerprint and code digest; tag {REUSED_FROM}).",
-        **cost_note(ctx, len(table)),
+        **cost_note(study_cost(ctx, len(table)), len(table)),
         "provenance": provenance(ctx),
     }
 

@@ -5,8 +5,10 @@ A report's notes are addressable by name: an ordered mapping name -> text (`Note
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,39 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def cost_note(ctx: Context, rows: int = 0) -> Notes:
-    """COST: what the table cost: trial-time by outcome (kept, stopped early, failed, reused) and device, the
-    wall time, trials per hour and what one more seed per row would cost (the mean kept trial, times the rows)."""
+OUTCOMES = ("kept", "stopped early", "failed", "reused", "unfinished")  # a trial's time is counted under one
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a study's table cost: trial-seconds by outcome (OUTCOMES) and trials by device, the wall time from the
+    parent's start to the last trial's end, and the mean kept trial times the rows (one more seed per row)."""
+
+    seconds: dict[str, float]  # outcome -> trial-seconds, outcomes seen only
+    devices: dict[str, int]  # device -> trials
+    trials: int
+    wall: float
+    one_more_seed: float  # NaN without a kept trial or rows
+
+    @property
+    def per_hour(self) -> float:
+        return self.trials / (self.wall / 3600) if self.wall > 0 else math.nan
+
+    def metrics(self) -> dict[str, float]:
+        """The parent run's cost metrics (seconds; MLflow-safe names): `cost/trial_seconds[/<outcome>]`,
+        `cost/wall_seconds`, `cost/trials_per_hour`, `cost/one_more_seed_seconds`; non-finite ones left out."""
+        out = {"cost/trial_seconds": sum(self.seconds.values()),
+               **{f"cost/trial_seconds/{k.replace(' ', '_')}": v for k, v in self.seconds.items()},
+               "cost/wall_seconds": self.wall, "cost/trials_per_hour": self.per_hour,
+               "cost/one_more_seed_seconds": self.one_more_seed}
+        return {k: float(v) for k, v in out.items() if math.isfinite(v)}
+
+
+def study_cost(ctx: Context, rows: int = 0) -> Cost | None:
+    """The study's Cost from its children's MLflow run times and tags; None without a trial."""
     runs = ctx.children
     if not len(runs) or not {"start_time", "end_time"} <= set(runs.columns):
-        return {}
+        return None
     seconds = trial_seconds(runs)
     reused = runs[column(REUSED_FROM)].notna() if column(REUSED_FROM) in runs else pd.Series(False, index=runs.index)
     stopped = (runs[column(STOPPED_EARLY)] == "true") if column(STOPPED_EARLY) in runs else reused & False
@@ -74,18 +103,26 @@ def cost_note(ctx: Context, rows: int = 0) -> Notes:
     outcome[stopped] = "stopped early"
     outcome[reused] = "reused"
     by = seconds.groupby(outcome).sum()
-    parts = ", ".join(f"{name} {duration(by[name])}" for name in ("kept", "stopped early", "failed", "reused",
-                                                                 "unfinished") if name in by)
     devices = Counter(runs[column(DEVICE)].dropna()) if column(DEVICE) in runs else Counter()
     ends = runs["end_time"].dropna()
     wall = (float(ends.max()) - float(ctx.parent["start_time"])) / 1000 if len(ends) else 0.0
-    per_hour = f"; {len(runs) / (wall / 3600):.0f} trials per hour" if wall > 0 else ""
     kept = seconds[outcome == "kept"]
-    more = (f"; one more seed per row ({rows} rows) ≈ {duration(kept.mean() * rows)} of trial time"
-            if rows and len(kept) else "")
-    on = ", ".join(f"{n} on {d}" for d, n in devices.items())
-    return {COST_NOTE: f"Cost: {duration(seconds.sum())} of trial time ({parts}){f'; {on}' if on else ''}; wall "
-            f"time {duration(wall)}{per_hour}{more}. Times vary run to run; the numbers of the table do not."}
+    return Cost({k: float(by[k]) for k in OUTCOMES if k in by}, dict(devices), len(runs), wall,
+                float(kept.mean() * rows) if rows and len(kept) else math.nan)
+
+
+def cost_note(cost: Cost | None, rows: int = 0) -> Notes:
+    """COST: the Cost in a sentence."""
+    if cost is None:
+        return {}
+    parts = ", ".join(f"{name} {duration(s)}" for name, s in cost.seconds.items())
+    on = ", ".join(f"{n} on {d}" for d, n in cost.devices.items())
+    per_hour = f"; {cost.per_hour:.0f} trials per hour" if cost.wall > 0 else ""
+    more = (f"; one more seed per row ({rows} rows) ≈ {duration(cost.one_more_seed)} of trial time"
+            if math.isfinite(cost.one_more_seed) else "")
+    return {COST_NOTE: f"Cost: {duration(sum(cost.seconds.values()))} of trial time ({parts})"
+            f"{f'; {on}' if on else ''}; wall time {duration(cost.wall)}{per_hour}{more}. Times vary run to run; "
+            "the numbers of the table do not."}
 
 
 def protocol_notes(ctx: Context) -> Notes:

@@ -39,7 +39,7 @@ from study.report import protocols as registry
 from study.report.ablation import STATISTICS, ablation_grid, ablation_notes, ablation_table
 from study.report.columns import BEST_EPOCH, CONFIGURATION_INDEX, EPOCHS, RUN_ID, TRIAL_INDEX, Columns, validation
 from study.report.context import Context, ReportError, final_metrics, read_protocols, read_replicates, tag
-from study.report.notes import Notes, cost_note, planned, protocol_notes, provenance
+from study.report.notes import Notes, cost_note, planned, protocol_notes, provenance, study_cost, trial_seconds
 from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
 from study.space import Domain
 from study.spec import CONFIRM_BASE, Variant
@@ -104,7 +104,7 @@ def budget_curve(runs: pd.DataFrame, rank: str) -> pd.DataFrame:
     """The search's best `rank` metric so far against the trial-hours spent so far, trials in the order they
     ended (every trial's time counts, stopped and failed ones too; only finished ones can set a best)."""
     ended = runs.dropna(subset=["end_time"]).sort_values("end_time")
-    hours = ((ended["end_time"] - ended["start_time"]) / 3.6e6).clip(lower=0).cumsum()
+    hours = (trial_seconds(ended) / 3600).cumsum()
     value = ended[rank].where(ended["status"] == "FINISHED") if rank in ended else pd.Series(math.nan, ended.index)
     return pd.DataFrame({"hours": hours.to_numpy(), "best": value.cummax().ffill().to_numpy()})  # a best holds
 
@@ -120,8 +120,7 @@ def budget_plot(search: pd.DataFrame, confirm: pd.DataFrame, confirmed: pd.DataF
     ax.step(curve["hours"], curve["best"] * scale, where="post", color="tab:blue",
             label=f"best search trial ({'validation' if rank != metric else 'test'} {name})")
     if confirmed is not None and len(confirm) and Columns(metric).mean in confirmed:
-        spent = (curve["hours"].iloc[-1] if len(curve) else 0.0) + float(
-            ((confirm["end_time"] - confirm["start_time"]) / 3.6e6).clip(lower=0).sum())
+        spent = (curve["hours"].iloc[-1] if len(curve) else 0.0) + float(trial_seconds(confirm).sum()) / 3600
         best = confirmed[Columns(metric).mean].max() * scale
         ax.scatter([spent], [best], color="tab:red", marker="*", s=120, zorder=3,
                    label=f"best confirmed (test {name}, mean over seeds)")
@@ -356,7 +355,7 @@ def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | No
              **protocol_notes(ctx)}
     if importance_note:
         notes["importances"] = f"Importances: {importance_note}."
-    notes.update(cost_note(ctx))
+    notes.update(cost_note(study_cost(ctx)))
     notes["provenance"] = provenance(ctx)
     return notes
 

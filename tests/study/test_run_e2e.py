@@ -57,6 +57,12 @@ def test_tiny_study_parent_children_and_report_match_mlflow(tmp_path, ray_local)
     assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
     runs = children(uri, "tiny_ablation", out["parent_run_id"])
     assert len(runs) == 4 and set(runs["status"]) == {"FINISHED"}
+    # the cost on the parent: the children's run times summed, every trial kept
+    seconds = ((runs["end_time"] - runs["start_time"]).dt.total_seconds()).sum()
+    assert parents.iloc[0]["metrics.cost/trial_seconds"] == pytest.approx(seconds, abs=1e-3)
+    assert parents.iloc[0]["metrics.cost/trial_seconds/kept"] == pytest.approx(seconds, abs=1e-3)
+    assert parents.iloc[0]["metrics.cost/one_more_seed_seconds"] == pytest.approx(seconds / 4 * 2, abs=1e-3)
+    assert parents.iloc[0]["metrics.cost/wall_seconds"] > 0
     assert set(runs["tags.variant"]) == {"none", "LGT"} and set(runs["tags.seed"]) == {"234", "235"}
     assert set(runs["params.model.temporal"]) == {"none", "local+gcn"}
     assert runs["metrics.final/ap"].notna().all() and runs["metrics.val/ap"].notna().all()

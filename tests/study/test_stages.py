@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -11,10 +12,13 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from study import stages
+from study.record import TrialView
 from study.run import RunOptions, run_study
 from tests.study.test_run_e2e import TINY, tiny_spec
 
@@ -143,7 +147,7 @@ def test_seeds_auto_adds_seeds_until_the_target_or_the_cap(tmp_path):
         path = tiny_spec(tmp_path, "tiny_auto")
         capped = run_study(str(path), RunOptions(max_epochs=1, project=tmp_path, seeds_auto=True, ci_target=1e-6,
                                                  seeds_cap=3))
-        met = run_study(str(path), RunOptions(max_epochs=1, project=tmp_path, seeds_auto=True, ci_target=1e6,
+        met = run_study(str(path), RunOptions(max_epochs=1, project=tmp_path, seeds_auto=True, mdd_target=1e6,
                                               seeds_cap=3))
     finally:
         ray.shutdown()
@@ -154,4 +158,36 @@ def test_seeds_auto_adds_seeds_until_the_target_or_the_cap(tmp_path):
     assert any("cap 3 reached" in note for note in capped["report"].notes)
     second = runs[runs["tags.mlflow.parentRunId"] == met["parent_run_id"]]
     assert sorted(second["tags.seed"].unique()) == ["234", "235"]  # the target holds at once
-    assert any("<= target 1e+06" in note for note in met["report"].notes)
+    assert any("largest minimum detectable difference" in note and "<= target 1e+06" in note
+               for note in met["report"].notes)
+
+
+def _view(variant: str, seed: int, ap: float, status: str = "FINISHED") -> TrialView:
+    return TrialView(f"{variant}{seed}", status, variant, str(seed), "ablation", "", {"final/ap": ap}, {}, {})
+
+
+def test_the_detectable_difference_rule_is_the_reports_mdd_at_holms_level():
+    from scipy import optimize
+    from scipy import stats as sp
+
+    rng = np.random.default_rng(7)
+    full = rng.normal(0.8, 0.01, 6)
+    rows = {"full": full, "a": full + rng.normal(0.0, 0.01, 6), "b": full + rng.normal(0.0, 0.03, 6)}
+    trials = [_view(v, 100 + i, float(x)) for v, xs in rows.items() for i, x in enumerate(xs)]
+    trials.append(_view("b", 200, 0.1, "FAILED"))  # neither a failed trial nor a seed at the limit counts
+    trials.append(_view("a", 106, 0.1))
+
+    def detectable(diff: np.ndarray, alpha: float) -> float:  # the |difference| with 80 % power, by scipy alone
+        n, crit = len(diff), sp.t.ppf(1 - alpha / 2, len(diff) - 1)
+
+        def power(d: float) -> float:
+            ncp = d * math.sqrt(n)
+            return sp.nct.sf(crit, n - 1, ncp) + sp.nct.cdf(-crit, n - 1, ncp) - 0.8
+        return optimize.brentq(power, 0.1, 5) * diff.std(ddof=1)
+
+    expected = max(detectable(rows[v] - full, 0.05 / 2) for v in ("a", "b")) * 100
+    assert stages.largest_detectable(trials, "full", "ap", 106) == pytest.approx(expected, rel=1e-4)
+    assert math.isnan(stages.largest_detectable(trials[:6] + trials[6:7], "full", "ap", 106))  # a row with 1 pair
+    rule = stages.SeedsRule(detectable=True, target=expected + 0.01, cap=10)
+    assert rule.verdict(rule.measure(trials, "full", "ap", 106), 6, "full", "ap").stop
+    assert not stages.SeedsRule(True, expected - 0.01, 10).verdict(expected, 6, "full", "ap").stop

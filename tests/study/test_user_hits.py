@@ -77,6 +77,9 @@ def refused(argv: list[str], tmp_path: Path, monkeypatch, capsys) -> str:
 @pytest.mark.parametrize("argv,needle", [
     (["--seeds-cap", "4"], "--seeds-cap 4: only with --seeds auto"),
     (["--ci-target", "2"], "--ci-target 2.0: only with --seeds auto"),
+    (["--mdd-target", "2"], "--mdd-target 2.0: only with --seeds auto"),
+    (["--seeds", "auto", "--mdd-target", "0"], "--mdd-target must be > 0 (points), got 0.0"),
+    (["--seeds", "auto", "--mdd-target", "2", "--ci-target", "1"], "--seeds auto stops on one of them; give one"),
     (["--seeds", "auto", "--seeds-cap", "2"], "--seeds-cap 2 is below the 3 seeds per row --seeds auto starts from"),
 ])
 def test_seeds_auto_bounds(argv, needle, tmp_path, monkeypatch, capsys):

@@ -150,7 +150,7 @@ def test_cost_note_splits_trial_time_by_outcome():
     from types import SimpleNamespace
 
     from study.record import DEVICE, REUSED_FROM, STOPPED_EARLY, column
-    from study.report.notes import COST_NOTE, cost_note
+    from study.report.notes import COST_NOTE, cost_note, study_cost
 
     runs = pd.DataFrame({
         "status": ["FINISHED", "FINISHED", "KILLED", "FAILED", "FINISHED"],
@@ -160,11 +160,17 @@ def test_cost_note_splits_trial_time_by_outcome():
         column(REUSED_FROM): [None, None, None, None, "abc"],
         column(DEVICE): ["cpu", "cpu", "cpu", "cuda:0", "cpu"]})
     ctx = SimpleNamespace(children=runs, parent=pd.Series({"start_time": 0}))
-    text = cost_note(ctx, rows=2)[COST_NOTE]  # type: ignore[arg-type]
+    cost = study_cost(ctx, rows=2)  # type: ignore[arg-type]
+    text = cost_note(cost, rows=2)[COST_NOTE]
     # kept 60 + 120 s, stopped 30 s, failed 10 s, reused 1 s; wall = last end (120 s) - parent start
     assert "Cost: 3.7 min of trial time (kept 3.0 min, stopped early 30 s, failed 10 s, reused 1 s)" in text
     assert "4 on cpu, 1 on cuda:0" in text and "wall time 2.0 min; 150 trials per hour" in text
     assert "one more seed per row (2 rows) ≈ 3.0 min of trial time" in text  # the mean kept trial (90 s) × 2
+    # the same on the parent run, as metrics (seconds)
+    assert cost is not None and cost.metrics() == {
+        "cost/trial_seconds": 221.0, "cost/trial_seconds/kept": 180.0, "cost/trial_seconds/stopped_early": 30.0,
+        "cost/trial_seconds/failed": 10.0, "cost/trial_seconds/reused": 1.0, "cost/wall_seconds": 120.0,
+        "cost/trials_per_hour": 150.0, "cost/one_more_seed_seconds": 180.0}
 
 
 def test_budget_curve_is_the_best_so_far_against_cumulative_trial_hours():
