@@ -1,6 +1,12 @@
 """Time (a) one training step and (b) one evaluation pass over a test set, with the exact speed-ups
 against the straightforward version (the authors' way), in one run; prints both ratios. (c): what
-`optim.recompute_activations` costs a training step (the same step, activations recomputed).
+`optim.recompute_activations` costs a training step (the same step, activations recomputed). (d): the speed
+options (`optim.compile`, `optim.precision`, `optim.adamw`), each a row against the default step through the
+trainer's own step, and the best exact one against the straightforward step. (e) on a GPU only (skipped cleanly
+without one): the same rows on CUDA with `optim.tf32` and `data.on_device` too, several trials packed on the GPU
+and fused seeds (bench_fused.py's measurements), and trials per GPU-hour for the embedded default (a fit, timed)
+and the `xd` preset (its steps per epoch at the real XD-Violence size times the measured step, plus the
+evaluations).
 
 Straightforward = the text encoder over all 77 positions, class embeddings re-encoded for every test
 video, one forward per test video, the distance adjacency rebuilt every forward, local
@@ -10,24 +16,45 @@ non-overlapping windows run as a batch of short sequences (windows of pure paddi
 slot), features in memory. Fast and slow alternate, best of --repeats each. Both give the same
 numbers (tests).
 
-    python bench/bench_train_eval.py [--preset xd] [--batch 16] [--repeats 5]
+    python bench/bench_train_eval.py [--preset xd] [--batch 16] [--repeats 5] [--skip-options]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vadclip.config import preset
-from vadclip.data import collate, epoch_batches, load_dataset
+from vadclip.config import VadClipConfig, apply_overrides, preset
+from vadclip.data import VadDataset, collate, epoch_batches, load_dataset
 from vadclip.evaluate import predict
 from vadclip.losses import total_loss
-from vadclip.train import make_model
+from vadclip.train import _Trainer, fit, make_model
+
+# (d)/(e): each option on top of the default configuration, and whether it is exact (float32 to rounding, tests)
+OPTIONS: dict[str, tuple[dict[str, object], bool]] = {
+    "optim.compile=true": ({"optim.compile": True}, True),
+    "optim.adamw=foreach": ({"optim.adamw": "foreach"}, True),
+    "optim.adamw=fused": ({"optim.adamw": "fused"}, True),
+    "compile + adamw=fused": ({"optim.compile": True, "optim.adamw": "fused"}, True),
+    "optim.precision=bf16": ({"optim.precision": "bf16"}, False),
+    "optim.precision=fp16": ({"optim.precision": "fp16"}, False),
+}
+CUDA_OPTIONS: dict[str, tuple[dict[str, object], bool]] = {
+    "optim.tf32=true": ({"optim.tf32": True}, False),
+    "data.on_device=false": ({"data.on_device": False}, True),
+    "bf16 + compile + fused": ({"optim.precision": "bf16", "optim.compile": True, "optim.adamw": "fused"}, False),
+}
+XD_TRAINING_SAMPLES = 39540  # xd_CLIP_rgb.csv: 3,954 training videos x 10 crops, each crop a sample
+XD_EVAL_VIDEOS = 800 + 395  # the test list and our validation split (10 % of the training videos)
 
 
 def interleaved_best(fast, slow, repeats: int) -> tuple[float, float]:
@@ -49,6 +76,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="training samples per step")
     p.add_argument("--test-videos", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-options", action="store_true", help="without (d), the speed options on this CPU")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -99,6 +127,87 @@ def main() -> None:
           f"ratio {eval_slow / eval_fast:5.2f}x")
     print(f"(c) training step:   activations kept {train_kept * 1e3:8.1f} ms   "
           f"recomputed {train_recomputed * 1e3:8.1f} ms   cost {train_recomputed / train_kept:5.2f}x")
+    if not args.skip_options:
+        options_section(fast_cfg, fast_data, idx, torch.device("cpu"), args.repeats, OPTIONS, train_slow / train_fast)
+    gpu_section(args, common)
+
+
+def trainer_step(cfg: VadClipConfig, data: VadDataset, idx: np.ndarray, device: torch.device,
+                 folder: str) -> Callable[[], None]:
+    """One optimisation step through the trainer's own step (batch source, autocast, loss scaler, compiled
+    forward, AdamW kernel), always on the same batch, synchronised on CUDA."""
+    trainer = _Trainer([cfg], data, device, [Path(folder)])
+
+    def step() -> None:
+        trainer.members[0].model.train()
+        trainer._step([[idx]], 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return step
+
+
+def options_section(cfg: VadClipConfig, data: VadDataset, idx: np.ndarray, device: torch.device, repeats: int,
+                    options: dict[str, tuple[dict[str, object], bool]], straightforward: float | None) -> None:
+    """Each option's step against the default step (interleaved, one run); the best exact one against the
+    straightforward step (`straightforward`: the default's ratio to it, row (a)) when measured on this device."""
+    with tempfile.TemporaryDirectory(prefix="bench-options-") as folder:
+        default = trainer_step(cfg, data, idx, device, folder)
+        print(f"(d) speed options, training step on {device} (first call compiles; best of {repeats}):")
+        best: tuple[float, str] | None = None
+        for name, (overrides, exact) in options.items():
+            option = trainer_step(apply_overrides(cfg, overrides), data, idx, device, folder)
+            t_option, t_default = interleaved_best(option, default, repeats)
+            speedup = t_default / t_option
+            print(f"    {name:26s} default {t_default * 1e3:8.1f} ms   option {t_option * 1e3:8.1f} ms   "
+                  f"{speedup:5.2f}x   {'exact' if exact else 'not exact'}")
+            if exact and (best is None or speedup > best[0]):
+                best = (speedup, name)
+        if straightforward is not None and best is not None:
+            print(f"    best exact option ({best[1]}) against the straightforward step: "
+                  f"{straightforward * best[0]:5.2f}x (the default alone: {straightforward:5.2f}x)")
+
+
+def gpu_section(args: argparse.Namespace, common: dict[str, object], device: torch.device | None = None) -> None:
+    """(e): on CUDA only (`device`: another one to try the section's code on, e.g. cpu)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            print("(e) GPU section: skipped, no CUDA device here (torch.cuda.is_available() is False)")
+            return
+        device = torch.device("cuda")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    print(f"(e) GPU section on {where}")
+    for name in ("synthetic", args.preset):
+        cfg = preset(name, overrides={**common, "device": str(device)} if name != "synthetic"
+                     else {"device": str(device)})
+        data = load_dataset(cfg)
+        idx = epoch_batches(data.train_labels[:, 0] > 0.5, cfg.optim.batch_size, cfg.optim.sampler,
+                            np.random.default_rng(0))[0]
+        print(f"  preset {name}: batch {cfg.optim.batch_size}, d={cfg.model.embed_dim}, L={cfg.model.visual_length}")
+        options_section(cfg, data, idx, device, args.repeats, {**OPTIONS, **CUDA_OPTIONS}, None)
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as folder:
+            step = trainer_step(cfg, data, idx, device, folder)
+            step_s, _ = interleaved_best(step, step, args.repeats)
+            if name == "synthetic":
+                t0 = time.perf_counter()
+                fit(cfg, data, out_dir=folder, progress=False)
+                seconds = time.perf_counter() - t0
+                print(f"    embedded default: a whole fit {seconds:.1f} s = {3600 / seconds:.0f} trials per GPU-hour "
+                      "(one trial on the GPU)")
+            else:
+                steps = -(-XD_TRAINING_SAMPLES // cfg.optim.batch_size) * cfg.optim.epochs
+                t0 = time.perf_counter()
+                predict(make_model(cfg, data, device), data.test, cfg.model.visual_length, device)
+                eval_s = time.perf_counter() - t0
+                total = steps * step_s + cfg.optim.epochs * eval_s * XD_EVAL_VIDEOS / max(len(data.test), 1)
+                print(f"    {name} at XD-Violence size (estimate): {steps} steps x {step_s * 1e3:.1f} ms + "
+                      f"{cfg.optim.epochs} x (test + val) passes scaled to {XD_EVAL_VIDEOS} videos = "
+                      f"{total / 60:.1f} min = {3600 / total:.1f} trials per GPU-hour")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_fused  # the packed and fused measurements live there
+
+    fused_args = argparse.Namespace(preset=args.preset, device=str(device), steps=10, cache=tempfile.mkdtemp(),
+                                    packed=device.type == "cuda")
+    bench_fused.bench_steps(fused_args)
 
 
 if __name__ == "__main__":

@@ -164,10 +164,13 @@ def plan(spec: specs.StudySpec, opts: RunOptions) -> Plan:
     top = opts.confirm_top if opts.confirm_top is not None else spec.confirm["top"]
     fresh = tuple(seeds[0] + 1 + i for i in range(opts.confirm_seeds or spec.confirm["seeds"]))  # never the search's
     fuse = spec.fuse_size(None if opts.fuse_seeds is None else specs.check_fuse_seeds(opts.fuse_seeds, "--fuse-seeds"))
-    if fuse > 1 and any(c.optim.recompute_activations for c in [base, *resolved.rows.values()]):
-        from vadclip.train import FUSED_RECOMPUTE
+    if fuse > 1:
+        from vadclip.train import fused_conflict
 
-        raise StudyError(f"study {spec.name}: {FUSED_RECOMPUTE}")
+        for where, cfg in [("the base configuration (every row)", base),
+                           *((f"row {row!r}", c) for row, c in resolved.rows.items())]:
+            if conflict := fused_conflict(cfg):
+                raise StudyError(f"study {spec.name}, {where}: {conflict}")
     return Plan(resolved, seeds, trials, spec.resolve_metric(base.style),
                 confirm_top=top if spec.kind == "search" else 0, confirm_seeds=fresh, fuse=fuse)
 

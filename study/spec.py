@@ -373,7 +373,7 @@ class StudySpec:
     # GPU, else 1 (on a CPU the fused step costs what the seeds cost apart: docs/speed.md)
     fuse_seeds: int | str = field(default="auto", metadata=_rule(read=check_fuse_seeds))
     # a row within ± this many points of the reference (paired TOST) is "equivalent" (study.report.stats.verdict)
-    equivalence_margin: float = field(default=1.0, metadata=_rule(read=check_margin))
+    equivalence_margin: int | float = field(default=1.0, metadata=_rule(read=check_margin))
 
     def resolve_metric(self, style: str) -> str:
         return self.metric if self.metric != "auto" else auto_metric(style)

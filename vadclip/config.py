@@ -103,6 +103,7 @@ class DataConfig:
     # every file at each load (the same float32 values). Unused when in_memory is False.
     feature_cache: bool = True
     cache_dtype: Literal["float32", "float16"] = "float32"  # of the cache: float16 halves it (lossy)
+    on_device: bool = True  # CUDA: the training features resident on the GPU when they fit, else pinned host memory
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -117,6 +118,11 @@ class OptimConfig:
     sampler: Literal["balanced", "mixed"] = "mixed"  # UCF balanced, XD mixed
     max_steps_per_epoch: int = 0  # > 0: cap the steps of an epoch (smoke and bench runs at full scale); 0 = no cap
     recompute_activations: bool = False  # exact: less memory per trial, one more forward (vadclip/model/recompute.py)
+    # speed (docs/speed.md); every default is the float32 eager path the exactness tests pin
+    compile: bool = False  # torch.compile of the training forward (exact to rounding); no backend: eager, 1 warning
+    precision: Literal["float32", "bf16", "fp16"] = "float32"  # autocast (training, evaluation); fp16 + loss scaler
+    tf32: bool = False  # CUDA: TF32 matmuls and cuDNN convolutions; False = full float32 (cuDNN's TF32 off too)
+    adamw: Literal["default", "foreach", "fused"] = "default"  # AdamW kernel; default = torch's choice (the authors')
 
 
 @dataclass(frozen=True)

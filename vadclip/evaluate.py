@@ -46,10 +46,11 @@ def predict(model: VadCLIP, videos: EvalSet, length: int, device: torch.device |
         x = torch.from_numpy(all_chunks[idx]).to(device)
         n = torch.from_numpy(all_lengths[idx]).to(device)
         out = model(x, n, t_out)
+        # .float(): under optim.precision the logits are bf16/fp16 (numpy has no bf16); float32 unchanged
         if out.logits_c is not None:
-            outputs["c"].append(torch.sigmoid(out.logits_c[..., 0]).cpu().numpy())
+            outputs["c"].append(torch.sigmoid(out.logits_c[..., 0].float()).cpu().numpy())
         if out.logits_a is not None:
-            outputs["a"].append(torch.softmax(out.logits_a, dim=-1).cpu().numpy())
+            outputs["a"].append(torch.softmax(out.logits_a.float(), dim=-1).cpu().numpy())
 
     def per_video(parts: list[np.ndarray]) -> list[np.ndarray] | None:
         if not parts:

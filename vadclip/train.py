@@ -11,6 +11,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from vadclip.cli import add_config_flags, as_dict, blame, flag_overrides, infer_dataset
-from vadclip.config import ConfigError, VadClipConfig, apply_overrides, flatten, preset
-from vadclip.data import DataError, VadDataset, collate, epoch_batches, load_dataset
+from vadclip.compiled import compiled_forward
+from vadclip.config import ConfigError, OptimConfig, VadClipConfig, apply_overrides, flatten, preset
+from vadclip.data import DataError, VadDataset, epoch_batches, load_dataset
 from vadclip.data.conventions import has_validation_split
 from vadclip.data.dataset import describe
+from vadclip.data.resident import batch_source
 from vadclip.device import resolve_device
 from vadclip.errors import VadClipError
 from vadclip.evaluate import Evaluation, Predictions, evaluate
@@ -35,6 +38,7 @@ from vadclip.metrics import FRACTIONS, MAP_LEVELS
 from vadclip.model import VadCLIP, build_model, tokenizer
 from vadclip.model.clip import frozen_text_tower
 from vadclip.model.recompute import set_recompute
+from vadclip.precision import apply_tf32, autocast, loss_scaler
 
 CHECKPOINT_LAST, CHECKPOINT_BEST = "last.pt", "best.pt"
 
@@ -163,6 +167,19 @@ def load_weights(model: VadCLIP, state: dict[str, torch.Tensor], source: Path | 
     model.load_state_dict(state, strict=False)
 
 
+def adamw(params: Sequence[torch.Tensor], optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """The authors' optimiser with `optim.adamw`'s kernel: torch's default choice, the foreach or the fused one (the
+    same update to float32 rounding, `tests/test_speed.py`); fused where the device has no fused kernel: the default,
+    with a warning."""
+    try:
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay,
+                                 foreach=True if optim.adamw == "foreach" else None,
+                                 fused=True if optim.adamw == "fused" else None)
+    except RuntimeError as err:
+        warnings.warn(f"optim.adamw={optim.adamw}: {err}; using torch's default AdamW", RuntimeWarning, stacklevel=2)
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
 def make_model(cfg: VadClipConfig, data: VadDataset, device: torch.device,
                straightforward: bool = False) -> VadCLIP:
     """`straightforward`: the exact speed-ups off (see `VadCLIP`), for the bench and the equality tests."""
@@ -210,9 +227,10 @@ def _evaluate_split(model: VadCLIP, data: VadDataset, split: str, cfg: VadClipCo
     videos = data.val if split == "val" else data.test
     if videos is None:
         return {}, None
-    result = evaluate(model, videos, data.class_codes, length=cfg.model.visual_length, device=device,
-                      score_branch=cfg.score_branch, selection_metric=cfg.selection_metric,
-                      map_protocol=cfg.eval.map_protocol, topk_divisor=cfg.loss.topk_divisor)
+    with autocast(cfg.optim, device):
+        result = evaluate(model, videos, data.class_codes, length=cfg.model.visual_length, device=device,
+                          score_branch=cfg.score_branch, selection_metric=cfg.selection_metric,
+                          map_protocol=cfg.eval.map_protocol, topk_divisor=cfg.loss.topk_divisor)
     return {f"{split}/{k}": v for k, v in result.metrics.items()}, result
 
 
@@ -298,7 +316,11 @@ class _Trainer:
         params = (self.stack.trainable if self.stack is not None
                   else [p for p in models[0].parameters() if p.requires_grad])
         cfg = self.cfg
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.optimizer = adamw(params, cfg.optim, device)
+        self.scaler = loss_scaler(cfg.optim, device)
+        apply_tf32(cfg.optim, device)
+        self.forward = compiled_forward(models[0], device) if cfg.optim.compile else models[0]
+        self.batch = batch_source(data.train, cfg.model.visual_length, device, cfg.data.on_device, cfg.data)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.optim.milestones),
                                                               cfg.optim.gamma)
 
@@ -317,7 +339,7 @@ class _Trainer:
             epochs.add(ckpt["epoch"])
             histories.append(list(ckpt["history"]))
             evaluations.append(list(ckpt.get("evaluations", [])))
-            scheduler = ckpt["scheduler"]
+            scheduler, scaler = ckpt["scheduler"], ckpt.get("scaler", {})
         if len(epochs) != 1:
             raise CheckpointError(f"{', '.join(map(str, folders))}: the fused seeds' checkpoints are at different "
                                   f"epochs {sorted(epochs)}; expected one checkpoint of the whole group")
@@ -326,6 +348,8 @@ class _Trainer:
         else:
             self.stack.load_optimizer_states(self.optimizer, states)
         self.scheduler.load_state_dict(scheduler)
+        if scaler:  # fp16's loss scale as it was (an empty dict: no scaler, or a checkpoint from before it)
+            self.scaler.load_state_dict(scaler)
         return epochs.pop(), histories, evaluations
 
     def _best_state(self, member: _Member, ckpt: dict[str, Any], last: Path) -> dict[str, torch.Tensor]:
@@ -353,21 +377,23 @@ class _Trainer:
         xs, ns, ys = [], [], []
         for seed_batches in batches:
             idx = seed_batches[step]
-            feats, lengths = collate(data.train, idx, cfg.model.visual_length)
-            xs.append(torch.from_numpy(feats).to(device))
-            ns.append(torch.from_numpy(lengths).to(device))
+            feats, lengths = self.batch(idx)
+            xs.append(feats)
+            ns.append(lengths)
             ys.append(torch.from_numpy(data.train_labels[idx]).to(device))
-        if self.stack is None:
-            terms = total_loss(self.members[0].model(xs[0], ns[0]), ns[0], ys[0], cfg.loss)
-            loss = terms["loss"]
-            per_seed = [terms]
-        else:  # the sum of the seeds' losses: each slice's gradient is its own seed's
-            fused = self.stack.losses(torch.stack(xs), torch.stack(ns), torch.stack(ys))
-            loss = fused["loss"].sum()
-            per_seed = [{k: v[i] for k, v in fused.items()} for i in range(len(self.members))]
+        with autocast(cfg.optim, device):
+            if self.stack is None:
+                terms = total_loss(self.forward(xs[0], ns[0]), ns[0], ys[0], cfg.loss)
+                loss = terms["loss"]
+                per_seed = [terms]
+            else:  # the sum of the seeds' losses: each slice's gradient is its own seed's
+                fused = self.stack.losses(torch.stack(xs), torch.stack(ns), torch.stack(ys))
+                loss = fused["loss"].sum()
+                per_seed = [{k: v[i] for k, v in fused.items()} for i in range(len(self.members))]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()  # fp16: scaled, and the step skipped on inf/nan; else plain
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return per_seed
 
     def train_epoch(self, epoch: int, first_step: int, progress: bool) -> tuple[list[dict[str, float]], list[bool],
@@ -422,7 +448,8 @@ class _Trainer:
         optimizer = (self.optimizer.state_dict() if self.stack is None
                      else self.stack.seed_optimizer_state(self.optimizer, i))
         atomic_save({"model": member.model.trainable_state_dict(), "optimizer": optimizer,
-                     "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best_score": member.best.score,
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                     "best_score": member.best.score,
                      "best_epoch": member.best.epoch, "history": history, "evaluations": evaluations,
                      "config": flatten(member.cfg)}, member.out_dir / CHECKPOINT_LAST)
 
@@ -467,6 +494,16 @@ def fit(cfg: VadClipConfig, data: VadDataset | None = None, *, out_dir: str | Pa
 
 FUSED_RECOMPUTE = ("optim.recompute_activations=true cannot train fused seeds: torch.utils.checkpoint does not run "
                    "under torch.func.vmap; fuse 1 seed per trial (fuse_seeds: 1) or keep the activations")
+FUSED_COMPILE = ("optim.compile=true cannot train fused seeds: the fused seeds' forward is a torch.func.vmap over "
+                 "functional_call, which the compiled forward does not replace; fuse 1 seed per trial (fuse_seeds: 1) "
+                 "or train eager")
+
+
+def fused_conflict(cfg: VadClipConfig) -> str | None:
+    """Why seeds of `cfg` cannot be fused (the keys that conflict with fuse_seeds > 1), or None."""
+    if cfg.optim.recompute_activations:
+        return FUSED_RECOMPUTE
+    return FUSED_COMPILE if cfg.optim.compile else None
 
 
 def seed_folder(out_dir: str | Path, seed: int) -> Path:
@@ -495,8 +532,9 @@ def fit_fused(cfgs: Sequence[VadClipConfig], data: VadDataset | None = None, *, 
             raise ConfigError(f"fit_fused: seed {cfg.seed}'s config differs from seed {seeds[0]}'s in "
                               f"{', '.join(differ)}; fused seeds share everything but the seed")
     check_selection(cfgs[0])
-    if len(cfgs) > 1 and cfgs[0].optim.recompute_activations:
-        raise ConfigError(FUSED_RECOMPUTE)
+    conflict = fused_conflict(cfgs[0]) if len(cfgs) > 1 else None
+    if conflict:
+        raise ConfigError(conflict)
     seed_everything(cfgs[0].seed)
     data = data if data is not None else load_dataset(cfgs[0])
     folders = [seed_folder(out_dir, s) for s in seeds]

@@ -214,6 +214,9 @@ def test_train_out_does_not_overwrite_an_earlier_run(tmp_path, capsys):
     (["ablation_lgt", "--fuse-seeds", "0"], "--fuse-seeds: fuse_seeds must be auto or an integer >= 1"),
     (["ablation_lgt", "--fuse-seeds", "3", "--set", "optim.recompute_activations=true"],
      "recompute_activations=true cannot train fused seeds"),
+    (["ablation_lgt", "--fuse-seeds", "3", "--set", "optim.compile=true"],
+     "study ablation_lgt, the base configuration (every row): optim.compile=true cannot train fused seeds"),
+    (["ablation_lgt", "--set", "optim.precision=fp8"], "optim.precision"),
 ])
 def test_bad_fuse_seeds_is_refused_before_anything_starts(argv, needle, tmp_path, monkeypatch, capsys):
     assert needle in run(argv, tmp_path, monkeypatch, capsys)
