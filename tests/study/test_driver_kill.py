@@ -6,6 +6,7 @@ the resumed study runs that trial again from its last checkpoint), then while a 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ NAME = "tiny_driver_kill"
 
 
 def kill_driver_when(cmd: list[str], cwd: Path, env: dict[str, str], uri: str, temp: str,
-                     when: Callable[[list], dict[str, float]]) -> dict[str, float]:
+                     when: Callable[[list], dict]) -> dict:
     """Start the study, SIGKILL its driver once `when(trial runs)` returns something, return that."""
     with (cwd / "driver.log").open("a") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -70,12 +71,29 @@ def just_ended(runs: list) -> dict[str, float]:
     return done if done and len(done) == len(runs) else {}
 
 
-def half_way(runs: list) -> dict[str, float]:
-    """Two trials ended and one is half way: its epochs logged so far."""
-    finished = sum(r.info.status == "FINISHED" for r in runs)
-    middle = {r.data.tags["trial_id"]: r.data.metrics["epoch"] for r in runs
-              if r.info.status == "RUNNING" and 2 <= r.data.metrics.get("epoch", 0) < EPOCHS}
-    return middle if finished >= 2 else {}
+def snapshot_epochs(storage: Path) -> dict[str, int]:
+    """Each trial's last checkpointed epoch in Tune's newest snapshot of the experiment (what a resume restores)."""
+    states = sorted(storage.glob(f"{NAME}-*/experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError):  # being written
+        return {}
+    return {json.loads(state)["trial_id"]: int(last["training_iteration"])
+            for state, meta in trials if (last := json.loads(meta).get("last_result") or {}).get("checkpoint_dir_name")}
+
+
+def half_way(storage: Path) -> Callable[[list], dict[str, tuple[float, int]]]:
+    """Two trials ended and one is half way, with a checkpoint in Tune's snapshot (SIGKILL leaves none to a
+    later one): {trial: (its epochs logged so far, the snapshot's checkpoint epoch)}."""
+    def when(runs: list) -> dict[str, tuple[float, int]]:
+        finished = sum(r.info.status == "FINISHED" for r in runs)
+        middle = {r.data.tags["trial_id"]: r.data.metrics["epoch"] for r in runs
+                  if r.info.status == "RUNNING" and 2 <= r.data.metrics.get("epoch", 0) < EPOCHS}
+        if finished < 2 or not middle:
+            return {}
+        saved = snapshot_epochs(storage)
+        return {trial: (epoch, saved[trial]) for trial, epoch in middle.items() if trial in saved}
+    return when
 
 
 @pytest.mark.timeout(480)
@@ -89,7 +107,7 @@ def test_sigkilled_driver_resumes_without_lost_or_duplicated_trials(tmp_path):
     cmd = [sys.executable, "-m", "study.run", str(spec_path), "--num-cpus", "1"]  # 4 trials, one at a time
     try:
         kill_driver_when(cmd, tmp_path, env, uri, temp, just_ended)
-        interrupted = kill_driver_when([*cmd, "--resume"], tmp_path, env, uri, temp, half_way)
+        interrupted = kill_driver_when([*cmd, "--resume"], tmp_path, env, uri, temp, half_way(tmp_path / "ray_results"))
         before = {r.data.tags["trial_id"]: r.info.status for r in trial_runs(uri, NAME)}
         assert "RUNNING" in before.values() and len(before) < 4, before  # one trial not even begun
         resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -108,9 +126,9 @@ def test_sigkilled_driver_resumes_without_lost_or_duplicated_trials(tmp_path):
     assert {(r.data.tags["ray.gpu_ids"], r.data.tags["device"]) for r in runs} == {("", "cpu")}  # gpu: 0, no GPU
     assert sorted((r.data.tags["variant"], r.data.tags["seed"]) for r in runs) == sorted(
         (v, s) for v in ("none", "LGT") for s in ("234", "235"))
-    for trial, epoch in interrupted.items():  # continued from its last checkpoint, not from scratch
+    for trial, (epoch, saved) in interrupted.items():  # continued from its last checkpoint, not from scratch
         restored = by_trial[trial].data.tags.get("restored_from_epoch")
-        assert restored is not None and 1 <= int(restored) <= epoch, (trial, restored, epoch)
+        assert restored is not None and 1 <= saved <= int(restored) <= epoch, (trial, restored, saved, epoch)
     assert_epochs_logged_once(uri, runs, EPOCHS)  # the final metrics of a trial run again included
     assert_report_complete(tmp_path, NAME, n=2)
     c = MlflowClient(uri)
