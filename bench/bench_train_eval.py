@@ -6,7 +6,9 @@ trainer's own step, and the best exact one against the straightforward step. (e)
 without one): the same rows on CUDA with `optim.tf32` and `data.on_device` too, several trials packed on the GPU
 and fused seeds (bench_fused.py's measurements), and trials per GPU-hour for the embedded default (a fit, timed)
 and the `xd` preset (its steps per epoch at the real XD-Violence size times the measured step, plus the
-evaluations).
+evaluations). (f): the floor under the exact step: the matrix-product FLOPs of one step, ours and straightforward
+(torch.utils.flop_counter), and the fastest float32 matrix product of the step's shapes on this machine; ours at
+that rate with nothing else to do bounds the ratio any exact option can reach.
 
 Straightforward = the text encoder over all 77 positions, class embeddings re-encoded for every test
 video, one forward per test video, the distance adjacency rebuilt every forward, local
@@ -16,7 +18,7 @@ non-overlapping windows run as a batch of short sequences (windows of pure paddi
 slot), features in memory. Fast and slow alternate, best of --repeats each. Both give the same
 numbers (tests).
 
-    python bench/bench_train_eval.py [--preset xd] [--batch 16] [--repeats 5] [--skip-options]
+    python bench/bench_train_eval.py [--preset xd] [--batch 16] [--repeats 5] [--skip-options] [--skip-floor]
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> None:
     p.add_argument("--test-videos", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-options", action="store_true", help="without (d), the speed options on this CPU")
+    p.add_argument("--skip-floor", action="store_true", help="without (f), the FLOP floor of the exact step")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -130,6 +133,46 @@ def main() -> None:
     if not args.skip_options:
         options_section(fast_cfg, fast_data, idx, torch.device("cpu"), args.repeats, OPTIONS, train_slow / train_fast)
     gpu_section(args, common)
+    if not args.skip_floor:
+        floor_section(fast_model, slow_model, fast_data, idx, length, fast_cfg, train_slow, args.repeats)
+
+
+def step_flops(model: torch.nn.Module, data: VadDataset, idx: np.ndarray, length: int, cfg: VadClipConfig) -> float:
+    """The matrix-product and convolution FLOPs of one training step (forward and backward) of `model`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    feats, lengths = collate(data.train, idx, length)
+    x, n = torch.from_numpy(feats), torch.from_numpy(lengths)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        total_loss(model(x, n), n, torch.from_numpy(data.train_labels[idx]), cfg.loss)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def gemm_rate(shapes: list[tuple[int, int, int]], repeats: int) -> tuple[float, tuple[int, int, int]]:
+    """The fastest float32 matrix product (FLOP/s, best of `repeats`) among (rows, in, out) linear shapes."""
+    best = (0.0, shapes[0])
+    for rows, d_in, d_out in shapes:
+        x, w = torch.randn(rows, d_in), torch.randn(d_out, d_in)
+        seconds, _ = interleaved_best(lambda x=x, w=w: torch.nn.functional.linear(x, w), lambda: None, repeats)
+        best = max(best, (2 * rows * d_in * d_out / seconds, (rows, d_in, d_out)))
+    return best
+
+
+def floor_section(fast_model: torch.nn.Module, slow_model: torch.nn.Module, data: VadDataset, idx: np.ndarray,
+                  length: int, cfg: VadClipConfig, train_slow: float, repeats: int) -> None:
+    """(f): how far an exact step can go on this machine: ours' FLOPs at the fastest measured matrix product,
+    with no other work, against the straightforward step measured in (a)."""
+    ours, theirs = step_flops(fast_model, data, idx, length, cfg), step_flops(slow_model, data, idx, length, cfg)
+    rows, d, hidden = len(idx) * length, cfg.model.embed_dim, cfg.model.embed_dim * cfg.model.mlp_ratio
+    rate, shape = gemm_rate([(rows, d, hidden), (rows, hidden, d), (rows, d, d)], repeats)
+    floor = ours / rate
+    print(f"(f) FLOPs per training step (matrix products and convolutions, forward and backward): straightforward "
+          f"{theirs / 1e9:.1f} GFLOP, ours {ours / 1e9:.1f} GFLOP ({theirs / ours:.2f}x fewer)")
+    print(f"    fastest float32 matrix product of the step's shapes here: {rate / 1e9:.0f} GFLOP/s (linear "
+          f"{shape[0]}x{shape[1]} -> {shape[2]}); ours at that rate and nothing else: {floor * 1e3:.0f} ms = "
+          f"{train_slow / floor:.2f}x the straightforward step, the ceiling of any exact option")
 
 
 def trainer_step(cfg: VadClipConfig, data: VadDataset, idx: np.ndarray, device: torch.device,
