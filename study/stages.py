@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from study import record
-from study.report.stats import ALPHA, paired_effect, t_interval
+from study.report.stats import holm_level, paired_effect, t_interval
 from study.space import Domain
 from vadclip.metrics import percent_scale
 
@@ -50,7 +50,7 @@ def largest_detectable(trials: Iterable[record.TrialView], full: str | None, met
     reference = rows.pop(full or "", {})
     if not rows or not reference:
         return math.nan
-    level = ALPHA / len(rows)
+    level = holm_level(len(rows))
     largest = 0.0
     for values in rows.values():
         effect = paired_effect(values, reference, alpha=level)

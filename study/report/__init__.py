@@ -25,7 +25,6 @@ from study.report.ablation import ablation_report
 from study.report.columns import VALIDATION_PREFIX, Columns
 from study.report.context import ReportError, read_context
 from study.report.html import html_report
-from study.report.notes import study_cost
 from study.report.protocols import SELECTION
 from study.report.render import finite, tex_file
 from study.report.search import search_report
@@ -62,9 +61,8 @@ def build_report(spec: StudySpec, tracking_uri: str, out_dir: Path, parent_run_i
     doc = (ablation_report if spec.kind == "ablation" else search_report)(ctx)
     plots = [out_dir / doc.plot_name, *map(out_dir.joinpath, doc.more_plots)]
     files = ReportFiles(out_dir / f"{spec.name}.md", out_dir / f"{spec.name}.tex", out_dir / f"{spec.name}.csv",
-                        out_dir / f"{spec.name}.html", plots, doc.table, doc.text, doc.notes, summary(spec, doc.table))
-    cost = study_cost(ctx, len(doc.table) if spec.kind == "ablation" else 0)
-    files.cost = cost.metrics() if cost is not None else {}
+                        out_dir / f"{spec.name}.html", plots, doc.table, doc.text, doc.notes, summary(spec, doc.table),
+                        doc.cost)
     pngs = {doc.plot_name: doc.plot, **doc.more_plots}
     write_atomically({files.md: doc.md.encode(), files.tex: tex_file(doc.tex, spec.name, ctx.parent_id).encode(),
                       files.csv: doc.csv.encode(), **{out_dir / n: png for n, png in pngs.items()},

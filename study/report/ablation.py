@@ -38,7 +38,7 @@ from study.report.context import (
     read_replicates,
     tag,
 )
-from study.report.notes import Notes, cost_note, paper_note, planned, protocol_notes, provenance, study_cost
+from study.report.notes import Cost, Notes, cost_note, paper_note, planned, protocol_notes, provenance, study_cost
 from study.report.protocols import BEST_ON_TEST, BEST_ON_VAL, SELECTION, protocol_text
 from study.report.render import (
     CLIPPED,
@@ -56,11 +56,11 @@ from study.report.render import (
     to_markdown,
 )
 from study.report.stats import (
-    ALPHA,
     WILCOXON_MIN_N,
     Effect,
     Paired,
     holm,
+    holm_level,
     optimism,
     paired_comparison,
     paired_effect,
@@ -94,7 +94,8 @@ def ablation_report(ctx: Context) -> Document:
                            ctx.style)
     grid = ablation_grid(table, ctx.metric, spec.full, spec.columns)
     compact = paper_grid(table, ctx.metric, spec.full, spec.columns)
-    notes = list(ablation_notes(ctx, table, ctx.protocol).values())
+    cost = study_cost(ctx, len(table))
+    notes = list(ablation_notes(ctx, table, ctx.protocol, cost).values())
     text = to_markdown(compact, padded=False)
     plot_name = f"{spec.name}_{ctx.metric}.png"
     paper = f" (paper Table {spec.paper_table})" if spec.paper_table else ""
@@ -110,7 +111,8 @@ def ablation_report(ctx: Context) -> Document:
                         tex_label(spec.name) + "-protocols", [])
     md += [*[f"- {n}" for n in notes], "", f"![{label(ctx.metric)} per variant]({plot_name})", ""]
     return Document(table, text, notes, "\n".join(md), tex, table.to_csv(index_label=INDEX), plot_name,
-                    ablation_plot(table, ctx.metric, spec.full, spec.name))
+                    ablation_plot(table, ctx.metric, spec.full, spec.name),
+                    cost=cost.metrics() if cost else {})
 
 
 # ---------------------------------------------------------------- the table and its statistics
@@ -293,7 +295,7 @@ def compare(values: pd.DataFrame, order: list[str], full: str | None, metric: st
     adjusted = holm([NAN if r is None else r.p for r in results])
     tosts = [tost_p(rows[v], reference, margin) if v in rows else NAN for v in order]
     tosts_holm = holm(tosts)
-    level = ALPHA / max(len(rows), 1)
+    level = holm_level(len(rows))
     effects = [paired_effect(rows[v], reference, alpha=level) if v in rows else None for v in order]
     return [Comparison.of(*args) for args in zip(results, adjusted, tosts, tosts_holm, effects)]
 
@@ -449,13 +451,14 @@ def fused_note(ctx: Context) -> Notes:
             "its numbers differ from a lone run's by rounding drift only (docs/speed.md)."}
 
 
-def ablation_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION) -> Notes:
+def ablation_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION, cost: Cost | None = None) -> Notes:
     """The notes by name, in the order shown: what the numbers are (`STATISTICS`), the selection protocols (when
-    derived), dataset and evaluation protocol, the paper's numbers, seeds, failures, reuse and provenance."""
+    derived), dataset and evaluation protocol, the paper's numbers, seeds, failures, reuse, cost (when given) and
+    provenance."""
     notes = statistics_notes(ctx, table, protocol)
     if Columns(ctx.metric).optimism in table:
         notes[PROTOCOLS_NOTE] = protocols_note(ctx.metric)
-    return {**notes, **protocol_notes(ctx), **paper_note(ctx), **run_notes(ctx, table)}
+    return {**notes, **protocol_notes(ctx), **paper_note(ctx), **run_notes(ctx, table, cost)}
 
 
 def statistics_notes(ctx: Context, table: pd.DataFrame, protocol: str = SELECTION) -> Notes:
@@ -505,8 +508,8 @@ def protocols_note(metric: str) -> str:
             "authors' protocol; that one is eval.selection=test.")
 
 
-def run_notes(ctx: Context, table: pd.DataFrame) -> Notes:
-    """The seeds planned and seen, how they were chosen and fused, failed and reused trials, provenance."""
+def run_notes(ctx: Context, table: pd.DataFrame, cost: Cost | None) -> Notes:
+    """The seeds planned and seen, how they were chosen and fused, failed and reused trials, cost, provenance."""
     seed = column(SEED)
     seeds = sorted(ctx.finished[seed].dropna().unique(), key=_seed_key) if seed in ctx.finished else []
     failed, total = int(table[FAILED].sum()), len(ctx.children)
@@ -521,7 +524,7 @@ def run_notes(ctx: Context, table: pd.DataFrame) -> Notes:
         + (f"; unfinished (RUNNING/KILLED): {unfinished}" if unfinished else "") + ".",
         "reused": f"Reused trials: {reused} of {len(ctx.finished)} finished (results copied from an identical "
         f"FINISHED run: same resolved config and seed, data fingerprint and code digest; tag {REUSED_FROM}).",
-        **cost_note(study_cost(ctx, len(table)), len(table)),
+        **cost_note(cost),
         "provenance": provenance(ctx),
     }
 

@@ -74,6 +74,7 @@ class Cost:
     trials: int
     wall: float
     one_more_seed: float  # NaN without a kept trial or rows
+    rows: int = 0  # the table's rows that one more seed would train
 
     @property
     def per_hour(self) -> float:
@@ -108,17 +109,17 @@ def study_cost(ctx: Context, rows: int = 0) -> Cost | None:
     wall = (float(ends.max()) - float(ctx.parent["start_time"])) / 1000 if len(ends) else 0.0
     kept = seconds[outcome == "kept"]
     return Cost({k: float(by[k]) for k in OUTCOMES if k in by}, dict(devices), len(runs), wall,
-                float(kept.mean() * rows) if rows and len(kept) else math.nan)
+                float(kept.mean() * rows) if rows and len(kept) else math.nan, rows)
 
 
-def cost_note(cost: Cost | None, rows: int = 0) -> Notes:
+def cost_note(cost: Cost | None) -> Notes:
     """COST: the Cost in a sentence."""
     if cost is None:
         return {}
     parts = ", ".join(f"{name} {duration(s)}" for name, s in cost.seconds.items())
     on = ", ".join(f"{n} on {d}" for d, n in cost.devices.items())
     per_hour = f"; {cost.per_hour:.0f} trials per hour" if cost.wall > 0 else ""
-    more = (f"; one more seed per row ({rows} rows) ≈ {duration(cost.one_more_seed)} of trial time"
+    more = (f"; one more seed per row ({cost.rows} rows) ≈ {duration(cost.one_more_seed)} of trial time"
             if math.isfinite(cost.one_more_seed) else "")
     return {COST_NOTE: f"Cost: {duration(sum(cost.seconds.values()))} of trial time ({parts})"
             f"{f'; {on}' if on else ''}; wall time {duration(cost.wall)}{per_hour}{more}. Times vary run to run; "

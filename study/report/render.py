@@ -41,6 +41,7 @@ class Document:
     plot_name: str
     plot: bytes
     more_plots: dict[str, bytes] = field(default_factory=dict)  # file name -> png (a search's budget curve)
+    cost: dict[str, float] = field(default_factory=dict)  # the parent's cost metrics (notes.Cost.metrics)
 
 
 # ---------------------------------------------------------------- numbers and dates

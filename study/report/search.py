@@ -39,7 +39,7 @@ from study.report import protocols as registry
 from study.report.ablation import STATISTICS, ablation_grid, ablation_notes, ablation_table
 from study.report.columns import BEST_EPOCH, CONFIGURATION_INDEX, EPOCHS, RUN_ID, TRIAL_INDEX, Columns, validation
 from study.report.context import Context, ReportError, final_metrics, read_protocols, read_replicates, tag
-from study.report.notes import Notes, cost_note, planned, protocol_notes, provenance, study_cost, trial_seconds
+from study.report.notes import Cost, Notes, cost_note, planned, protocol_notes, provenance, study_cost, trial_seconds
 from study.report.render import Document, Grid, num, param_text, png, tex_label, to_latex, to_markdown
 from study.space import Domain
 from study.spec import CONFIRM_BASE, Variant
@@ -54,6 +54,7 @@ def search_report(ctx: Context) -> Document:
     """The confirmed table first when the search had a confirmation stage (children tagged stage=confirm), then
     the search's own ranking, importances and notes."""
     confirmed = confirm_section(ctx)
+    cost = study_cost(ctx)  # every trial, the confirmed ones too
     stage = ctx.children.get(column(STAGE), pd.Series(SEARCH, index=ctx.children.index)).fillna(SEARCH)
     confirm_runs = ctx.children[stage == CONFIRM]
     ctx = replace(ctx, children=ctx.children[stage != CONFIRM].reset_index(drop=True))
@@ -66,7 +67,7 @@ def search_report(ctx: Context) -> Document:
     add_protocols(ctx, table, metric)
     counts = status_counts(ctx.children)
     importances, importance_note = stored_importances(ctx) or param_importances(spec.space, table, rank)
-    notes = list(search_notes(ctx, counts, importance_note, rank).values())
+    notes = list(search_notes(ctx, counts, importance_note, rank, cost).values())
     grid = search_grid(table, list(spec.space), metric, rank)
     plot_name = f"{spec.name}_params.png"
     name = label(metric)
@@ -97,7 +98,8 @@ def search_report(ctx: Context) -> Document:
     md += [f"![best {name} against trial-hours]({budget_name})", ""]
     budget = budget_plot(ctx.children, confirm_runs, confirmed[0] if confirmed else None, metric, rank, spec.name)
     return Document(table, text, notes, "\n".join(md), tex, csv, plot_name,
-                    search_plot(table, spec.space, metric, rank, spec.name), {budget_name: budget})
+                    search_plot(table, spec.space, metric, rank, spec.name), {budget_name: budget},
+                    cost.metrics() if cost else {})
 
 
 def budget_curve(runs: pd.DataFrame, rank: str) -> pd.DataFrame:
@@ -340,7 +342,8 @@ def _beside_text(metric: str) -> str:
     return f", and the test {label(metric)} {listed},{quantifier} from the logged histories"
 
 
-def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | None, rank: str) -> Notes:
+def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | None, rank: str,
+                 cost: Cost | None) -> Notes:
     """The notes by name, in the order shown."""
     statuses = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "early-stopped")
     space = "; ".join(f"{k}: {d.describe()}" for k, d in ctx.spec.space.items())
@@ -355,7 +358,7 @@ def search_notes(ctx: Context, counts: dict[str, int], importance_note: str | No
              **protocol_notes(ctx)}
     if importance_note:
         notes["importances"] = f"Importances: {importance_note}."
-    notes.update(cost_note(study_cost(ctx)))
+    notes.update(cost_note(cost))
     notes["provenance"] = provenance(ctx)
     return notes
 

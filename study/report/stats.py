@@ -158,6 +158,11 @@ def smallest_p(n: int, test: str) -> float:
     return float(stats.wilcoxon(np.arange(1.0, n + 1), method="exact").pvalue)
 
 
+def holm_level(rows: int, alpha: float = ALPHA) -> float:
+    """Holm's strictest level over `rows` compared rows (what its smallest p is held to): alpha / rows."""
+    return alpha / max(rows, 1)
+
+
 def holm_floor(n: int, rows: int, test: str = "wilcoxon") -> float:
     """The smallest Holm-adjusted p any of `rows` compared rows can reach with `n` pairs: Holm multiplies the
     smallest p by the number of rows (capped at 1)."""

@@ -125,7 +125,7 @@ def test_the_search_note_lists_the_protocols_it_shows(with_first: None, monkeypa
     monkeypatch.setattr(search, "provenance", lambda ctx: "provenance.")
     ctx = type("Ctx", (), {"children": pd.DataFrame({"status": ["FINISHED"]}), "spec": SEARCH, "metric": "ap",
                            "parent": pd.Series({"run_id": "p"})})()
-    notes = search_notes(ctx, {"FINISHED": 1, "early-stopped": 0}, None, "ap")  # type: ignore[arg-type]
+    notes = search_notes(ctx, {"FINISHED": 1, "early-stopped": 0}, None, "ap", None)  # type: ignore[arg-type]
     assert list(notes) == ["trials", "ranking", "space", "provenance"]
     assert ("and the test AP at the trial's best test evaluation (best-on-test, what the authors' code prints; for "
             "information only: choosing by it is optimistic), at its last evaluation and at its first evaluation, "

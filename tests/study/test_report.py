@@ -131,6 +131,7 @@ def ablation(store: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
 
 def _search_runs(uri: str, monkeypatch: pytest.MonkeyPatch, experiment: str, parent: str) -> pd.DataFrame:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # an earlier test's set_tracking_uri outranks the environment
     return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 

@@ -161,7 +161,7 @@ def test_cost_note_splits_trial_time_by_outcome():
         column(DEVICE): ["cpu", "cpu", "cpu", "cuda:0", "cpu"]})
     ctx = SimpleNamespace(children=runs, parent=pd.Series({"start_time": 0}))
     cost = study_cost(ctx, rows=2)  # type: ignore[arg-type]
-    text = cost_note(cost, rows=2)[COST_NOTE]
+    text = cost_note(cost)[COST_NOTE]
     # kept 60 + 120 s, stopped 30 s, failed 10 s, reused 1 s; wall = last end (120 s) - parent start
     assert "Cost: 3.7 min of trial time (kept 3.0 min, stopped early 30 s, failed 10 s, reused 1 s)" in text
     assert "4 on cpu, 1 on cuda:0" in text and "wall time 2.0 min; 150 trials per hour" in text
