@@ -134,19 +134,17 @@ def main() -> None:
         options_section(fast_cfg, fast_data, idx, torch.device("cpu"), args.repeats, OPTIONS, train_slow / train_fast)
     gpu_section(args, common)
     if not args.skip_floor:
-        floor_section(fast_model, slow_model, fast_data, idx, length, fast_cfg, train_slow, args.repeats)
+        floor_section(trainer(fast_model, fast_data), trainer(slow_model, slow_data), len(idx) * length, fast_cfg,
+                      train_slow, args.repeats)
 
 
-def step_flops(model: torch.nn.Module, data: VadDataset, idx: np.ndarray, length: int, cfg: VadClipConfig) -> float:
-    """The matrix-product and convolution FLOPs of one training step (forward and backward) of `model`."""
+def step_flops(step: Callable[[], None]) -> float:
+    """The matrix-product and convolution FLOPs of one training step (forward and backward; `step` as timed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    feats, lengths = collate(data.train, idx, length)
-    x, n = torch.from_numpy(feats), torch.from_numpy(lengths)
     counter = FlopCounterMode(display=False)
     with counter:
-        total_loss(model(x, n), n, torch.from_numpy(data.train_labels[idx]), cfg.loss)["loss"].backward()
-    model.zero_grad(set_to_none=True)
+        step()
     return float(counter.get_total_flops())
 
 
@@ -160,12 +158,12 @@ def gemm_rate(shapes: list[tuple[int, int, int]], repeats: int) -> tuple[float, 
     return best
 
 
-def floor_section(fast_model: torch.nn.Module, slow_model: torch.nn.Module, data: VadDataset, idx: np.ndarray,
-                  length: int, cfg: VadClipConfig, train_slow: float, repeats: int) -> None:
+def floor_section(fast_step: Callable[[], None], slow_step: Callable[[], None], rows: int, cfg: VadClipConfig,
+                  train_slow: float, repeats: int) -> None:
     """(f): how far an exact step can go on this machine: ours' FLOPs at the fastest measured matrix product,
-    with no other work, against the straightforward step measured in (a)."""
-    ours, theirs = step_flops(fast_model, data, idx, length, cfg), step_flops(slow_model, data, idx, length, cfg)
-    rows, d, hidden = len(idx) * length, cfg.model.embed_dim, cfg.model.embed_dim * cfg.model.mlp_ratio
+    with no other work, against the straightforward step measured in (a). `rows`: the batch's snippets."""
+    ours, theirs = step_flops(fast_step), step_flops(slow_step)
+    d, hidden = cfg.model.embed_dim, cfg.model.embed_dim * cfg.model.mlp_ratio
     rate, shape = gemm_rate([(rows, d, hidden), (rows, hidden, d), (rows, d, d)], repeats)
     floor = ours / rate
     print(f"(f) FLOPs per training step (matrix products and convolutions, forward and backward): straightforward "
